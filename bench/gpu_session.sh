@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 FINAL="${OUT:-bench/results/gpu}"   # the device tool brings back at most 8 files: tar it all
 OUT="$(mktemp -d)/gpu"
 mkdir -p "$OUT" "$FINAL"
-pack() { tar czf "$FINAL/gpu_results.tgz" -C "$(dirname "$OUT")" gpu; cp "$OUT"/*.log "$FINAL"/ 2>/dev/null | true; }
+pack() { tar czf "$FINAL/gpu_results.tgz" -C "$(dirname "$OUT")" gpu; cp "$OUT"/*.log "$FINAL"/ 2>/dev/null || true; }
 trap pack EXIT
 if ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried for packages the image lacks
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -35,9 +35,14 @@ EOF
 }
 
 build() {
-    local t0=$SECONDS
-    "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-    local rc=$?
+    local t0=$SECONDS rc=0
+    if ls .gpu_build/*.so >/dev/null 2>&1; then  # libraries built by an earlier call, carried back
+        cp .gpu_build/*.so lookahead_ext/ && echo "using prebuilt $(ls .gpu_build)"
+    else
+        timeout "${BUILD_TIMEOUT:-420}" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+        rc=$?
+        mkdir -p "$FINAL/so" && cp lookahead_ext/*.so "$FINAL/so/" 2>/dev/null
+    fi
     tail -5 "$OUT/build.log"
     echo "build rc=$rc in $((SECONDS - t0)) s"
     "$PY" -c "import lookahead_ext as la; print(la.ops.available_backends())"
@@ -46,8 +51,10 @@ build() {
 
 run_tests() {
     local t0=$SECONDS
-    "$PY" -m pytest tests -q -p no:cacheprovider -x "$@" > "$OUT/tests.log" 2>&1 \
-        || "$PY" -m pytest tests -q -p no:cacheprovider "$@" > "$OUT/tests.log" 2>&1
+    local par=()
+    "$PY" -c "import xdist" 2>/dev/null && par=(-n "${XDIST:-8}")
+    timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE "${par[@]}" "$@" \
+        > "$OUT/tests.log" 2>&1
     echo "tests rc=$? in $((SECONDS - t0)) s"
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
