@@ -340,6 +340,56 @@ def test_user_edits_between_steps_are_respected():
     assert_bitwise(params_of(m1), params_of(m2))
 
 
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_parameter_changes_between_steps_rebuild_the_plan(backend):
+    """The engine and Lookahead cache their bucket plans; a parameter frozen, replaced
+    (p.data = ..., here with another dtype) or added between steps must be honoured exactly
+    as by an optimizer built fresh for the new parameter set."""
+    x, y = data()
+    m1, m2 = mlp(), mlp()
+    o1 = la.CMLR(m1.parameters(), lr=0.1, momentum=0.9, k=2, backend=backend)
+    o1.step(closure_for(m1, x, y))
+    w0 = m1[0].weight.detach().clone()
+    m1[0].weight.requires_grad_(False)           # frozen: left untouched
+    o1.step(closure_for(m1, x, y))
+    assert torch.equal(m1[0].weight, w0)
+    m1[0].weight.requires_grad_(True)
+    with torch.no_grad():                         # replaced storage of another dtype
+        m1[2].bias.data = m1[2].bias.data.double()
+    m1[2].bias.register_hook(lambda g: g.double())
+    extra = torch.nn.Parameter(torch.ones(3))     # a group added mid-run
+    o1.add_param_group({"params": [extra]})
+
+    def closure():
+        h = F.linear(torch.tanh(m1[0](x)), m1[2].weight, m1[2].bias.float())
+        loss = F.cross_entropy(h + extra, y)
+        loss.backward()
+        return loss
+    o1.step(closure)
+    assert m1[2].bias.dtype == torch.float64 and not torch.equal(extra, torch.ones(3))
+    assert all(torch.isfinite(p).all() for p in m1.parameters())
+
+    # Lookahead around torch SGD: freezing / unfreezing between syncs
+    la_opt = la.Lookahead(torch.optim.SGD(m2.parameters(), lr=0.1), k=1, alpha=0.5,
+                          backend=backend)
+    closure_for(m2, x, y)()
+    la_opt.step()
+    w0 = m2[0].weight.detach().clone()
+    m2[0].weight.requires_grad_(False)
+    m2.zero_grad()
+    closure_for(m2, x, y)()
+    la_opt.step()
+    assert torch.equal(m2[0].weight, w0)
+    with torch.no_grad():  # another dtype: its own fused-sync group (cpp takes one dtype per call)
+        m2[2].bias.data = m2[2].bias.data.double()
+    la_opt._slow[m2[2].bias] = la_opt._slow[m2[2].bias].double()
+    m2.zero_grad()
+    F.cross_entropy(F.linear(torch.tanh(m2[0](x)), m2[2].weight, m2[2].bias.float()), y).backward()
+    la_opt.step()
+    assert m2[2].bias.dtype == torch.float64 and torch.equal(m2[2].bias, la_opt._slow[m2[2].bias])
+
+
 # ------------------------------------------------------------------ slow weights
 @pytest.mark.parametrize("name", LOOK)
 def test_slow_weights_and_sync(name):

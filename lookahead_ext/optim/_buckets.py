@@ -35,6 +35,11 @@ class Bucket:
     synced: bool = False
     perturbed: bool = False
 
+    @property
+    def kind(self) -> tuple:
+        """(device, dtype) of the bucket: tensors a single fused-op call can take."""
+        return (self.params[0].device, self.params[0].dtype) if self.params else None
+
     def select(self, keep: list[bool]) -> "Bucket":
         return Bucket(self.group, [p for p, k in zip(self.params, keep) if k],
                       [m for m, k in zip(self.masters, keep) if k], self.low_precision,

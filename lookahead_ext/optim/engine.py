@@ -207,6 +207,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                                     f"parameters only, got {p.dtype}")
         self._engine = dict(k=0, steps=0, cycles=0, evals=0, skipped=0, v_ready=False)
         self._scratch: dict = {}
+        self._plan: Optional[tuple] = None  # (signature, buckets): see _step_buckets
+        self._missing = False
         self._slow: dict = {}
         self.last_loss = None
         self.track_cosine = bool(track_cosine)
@@ -337,9 +339,9 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
 
     def _update(self) -> Iterator[Probe]:
         self.last_loss = None
+        self._missing = False  # set by _probe: some parameter had no gradient in some probe
         self._dirs = [] if self.track_cosine else None
-        with torch.no_grad():
-            buckets = make_buckets(self.param_groups, self.state, self._scratch)
+        buckets = self._step_buckets()
         committed = False
         try:
             yield from self._probe_and_commit(buckets)
@@ -358,6 +360,22 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         self._opt_called = True  # lets torch lr schedulers know a step happened
 
     # -- building blocks (see "Extension points") ----------------------------
+    def _step_buckets(self) -> list[Bucket]:
+        """This step's buckets, rebuilt only when the parameters changed: the signature
+        holds each group's identity and size and each parameter's identity, requires_grad
+        and storage pointer (``p.data = ...`` changes the pointer). Building buckets costs
+        more than the fused ops themselves on small models; load_state_dict drops the plan."""
+        groups = self.param_groups
+        sig = (tuple([(id(g), len(g["params"])) for g in groups]),
+               tuple([(id(p), p.requires_grad, p.data_ptr()) for g in groups for p in g["params"]]))
+        plan = self._plan
+        if plan is None or plan[0] != sig:
+            with torch.no_grad():
+                plan = self._plan = (sig, make_buckets(groups, self.state, self._scratch))
+        for b in plan[1]:
+            b.synced, b.perturbed = b.low_precision, False
+        return plan[1]
+
     def _restore(self, buckets) -> None:
         """Put the params back at w (a no-op for buckets never perturbed this step)."""
         for b in buckets:
@@ -389,10 +407,16 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     def _backend(self) -> str:
         return self._glob("backend")
 
-    def _norm_inv(self, sq: Tensor) -> Tensor:
-        """1 / (||x|| + norm_eps) from a squared norm, on device (no host sync)."""
+    def _norm_inv(self, sq: Tensor):
+        """1 / (||x|| + norm_eps) from a squared norm. CUDA: a 0-d device tensor (no host
+        sync). CPU: a Python float, computed in double precision: there is no device to
+        wait for, and each 0-d tensor op costs microseconds, which on a small model is more
+        than the fused passes themselves. Every scalar derived from it (the probe scale,
+        the v-update coefficients) then stays a host float as well."""
         if getattr(self, "norm_hook", None) is not None:  # prod hook: sum over shards (FSDP2)
             sq = self.norm_hook(sq)
+        if sq.device.type == "cpu":
+            return 1.0 / (math.sqrt(float(sq)) + self._glob("norm_eps"))
         return 1.0 / (sq.sqrt() + self._glob("norm_eps"))
 
     def _global_sq(self, lists_per_bucket, pairs) -> Tensor:
@@ -455,25 +479,31 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             self.last_loss = probe.loss
         if probe.loss is not None and not _finite_loss(probe.loss):
             self._skip(buckets, f"non-finite loss at probe {name}")
-        grads = []
+        grads, checks, missing = [], {}, False
         for b in buckets:
             gl = []
+            flat = checks.setdefault(b.kind, [])  # one fused check per (device, dtype)
             for p in b.params:
                 g = p.grad
-                if g is not None and (g.is_sparse or g.layout != torch.strided or g.is_complex()):
+                if g is None:
+                    missing = True
+                elif g.layout is not torch.strided or g.is_complex():
                     kind = "complex" if g.is_complex() else "sparse"
                     with torch.no_grad():
                         self._restore(buckets)
                     raise RuntimeError(f"{type(self).__name__} does not support {kind} "
                                        f"gradients (parameter of shape {tuple(p.shape)})")
+                else:
+                    flat.append(g)
                 gl.append(g)
                 p.grad = None  # keep this probe's gradient; the next probe starts from zero
             grads.append(gl)
-        flat = [g for gl in grads for g in gl if g is not None]
+        self._missing = self._missing or missing
         # prod hook (lookahead_ext.amp): a GradScaler's 1/scale, unscaled in the fused check
         inv_scale = self.inv_grad_scale() if getattr(self, "inv_grad_scale", None) else None
-        if flat and bool(ops.nonfinite_([flat], inv_scale, backend=backend).item()):
-            self._skip(buckets, f"non-finite gradient at probe {name}")
+        for flat in checks.values():
+            if flat and bool(ops.nonfinite_([flat], inv_scale, backend=backend).item()):
+                self._skip(buckets, f"non-finite gradient at probe {name}")
         return grads
 
     @staticmethod
@@ -482,12 +512,15 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         return [[any(probes[n][bi][i] is not None for n in probes) for i in range(len(b.params))]
                 for bi, b in enumerate(buckets)]
 
-    def _gather(self, buckets, probes: dict):
+    def _gather(self, buckets, probes: dict, kept=None):
         """Drop params without a gradient in every probe (restored to w, left untouched) and
-        zero-fill missing gradients of the others. Returns (kept buckets, {name: dense grads})."""
+        zero-fill missing gradients of the others. Returns (kept buckets, {name: dense grads}).
+        ``kept``: the keep masks if already computed."""
         self._ensure_synced(buckets)
+        if not self._missing:  # every parameter has a gradient in every probe (the usual case)
+            return buckets, dict(probes)
         names = list(probes)
-        kept = self._keep_masks(buckets, probes)
+        kept = self._keep_masks(buckets, probes) if kept is None else kept
         self._restore([b.select([not x for x in keep]) for b, keep in zip(buckets, kept)])
         sel = [b.select(keep) for b, keep in zip(buckets, kept)]
         filled = {n: self._dense(sel, [[g for g, kk in zip(gl, keep) if kk]
@@ -528,10 +561,13 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
 
     def _commit(self, buckets, probes, vdir, inv_v, need_v_init, k, K):
         backend = self._backend()
-        keep_masks = self._keep_masks(buckets, probes)
         all_buckets = buckets
-        buckets, filled = self._gather(buckets, probes)
-        vdir = [[t for t, kk in zip(vl, keep) if kk] for vl, keep in zip(vdir, keep_masks)]
+        if self._missing:
+            keep_masks = self._keep_masks(buckets, probes)
+            vdir = [[t for t, kk in zip(vl, keep) if kk] for vl, keep in zip(vdir, keep_masks)]
+        else:
+            keep_masks = None
+        buckets, filled = self._gather(buckets, probes, keep_masks)
 
         # global norms of the two probe gradients that enter the v update (eq. 115)
         momentum_like = self.direction in ("momentum", "lagged")
@@ -543,8 +579,11 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             beta, gamma = self.beta_k(k), self._glob("gamma")
             a_first = (1.0 - beta) * gamma * inv_first
             a_other = (1.0 - beta) * (1.0 - gamma) * inv_other
-            zero = torch.zeros_like(a_first)
-            bv = beta * inv_v.to(device=a_first.device, dtype=a_first.dtype)
+            if isinstance(a_first, Tensor):  # device scalars (CUDA): no host sync
+                zero = torch.zeros_like(a_first)
+                bv = beta * inv_v.to(device=a_first.device, dtype=a_first.dtype)
+            else:  # host floats (CPU, see _norm_inv)
+                zero, bv = 0.0, beta * inv_v
 
         for bi, b in enumerate(buckets):
             if not b.params:
@@ -563,10 +602,11 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 if need_v_init:               # Algorithm 1, line 4: v_0 = g_0
                     torch._foreach_copy_(v, vdir[bi])
                 dev = v[0].device
+                on = (lambda c: c.to(dev)) if isinstance(bv, Tensor) else (lambda c: c)  # noqa: E731
                 if self.scheme == "forward":  # FMLR: g0 plays the part of g-
-                    v_coefs = (bv.to(dev), a_other.to(dev), a_first.to(dev), zero.to(dev))
+                    v_coefs = (on(bv), on(a_other), on(a_first), on(zero))
                 else:
-                    v_coefs = (bv.to(dev), zero.to(dev), a_first.to(dev), a_other.to(dev))
+                    v_coefs = (on(bv), on(zero), on(a_first), on(a_other))
             self._base_step(b, grads, coefs, v, v_coefs, backend)
 
         # hand the last probe's gradient back in .grad, as after a normal backward()
@@ -599,16 +639,23 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         g = b.group
         kind = self._glob("base")
         self._ensure_synced([b])
-        sub: dict = {}
-        for i, p in enumerate(b.params):
-            st = self.state[p]
-            if kind == ADAMW:
-                key = st.get("step", 0) + 1
-            else:
-                key = g["momentum"] != 0.0 and "momentum_buffer" not in st
-            sub.setdefault(key, []).append(i)
-        for key, idx in sub.items():
-            params = [b.params[i] for i in idx]
+        states = [self.state[p] for p in b.params]
+        if kind == ADAMW:
+            keys = [st.get("step", 0) + 1 for st in states]
+        else:
+            mom = g["momentum"] != 0.0
+            keys = [mom and "momentum_buffer" not in st for st in states]
+        if keys.count(keys[0]) == len(keys):  # one age (the usual case): the whole bucket
+            subsets = [(keys[0], None)]
+        else:
+            sub: dict = {}
+            for i, key in enumerate(keys):
+                sub.setdefault(key, []).append(i)
+            subsets = list(sub.items())
+        for key, idx in subsets:
+            sel = (lambda lst: lst) if idx is None else \
+                (lambda lst: None if lst is None else [lst[i] for i in idx])  # noqa: E731
+            params = sel(b.params)
             base = BaseStep(kind=kind, lr=float(g["lr"]), weight_decay=g["weight_decay"],
                             momentum=g["momentum"], dampening=g["dampening"],
                             nesterov=g["nesterov"], first=bool(key) if kind == SGD else False,
@@ -616,12 +663,10 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                             step=key if kind == ADAMW else 1)
             state = {name: [self._state_buffer(p, name) for p in params]
                      for name in base.state_names()}
-            sel = lambda lst: None if lst is None else [lst[i] for i in idx]  # noqa: E731
             sgrads = tuple(sel(x) for x in grads)
             if self._dirs is not None:
                 self._record_direction(params, sgrads, coefs)
-            ops.combine_step_(params, [b.masters[i] for i in idx], sgrads,
-                              coefs, base, state, None if v is None else sel(v), v_coefs,
+            ops.combine_step_(params, sel(b.masters), sgrads, coefs, base, state, sel(v), v_coefs,
                               backend=backend)
             if kind == ADAMW:
                 for p in params:
@@ -692,6 +737,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         params = [p for g in self.param_groups for p in g["params"]]
         self.state.clear()
+        self._plan = None  # low-precision masters live in the state
 
         def move(x, p):
             return x.detach().clone().to(p.device) if isinstance(x, Tensor) else x
@@ -704,3 +750,4 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             self._slow = {params[int(i)]: move(s, params[int(i)]) for i, s in extra["slow"].items()}
             self.cosine_history = list(extra.get("cosine_history", []))
         self._scratch = {}
+        self._plan = None

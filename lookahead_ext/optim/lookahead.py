@@ -41,6 +41,7 @@ class Lookahead(SlowWeightsMixin, Optimizer):
         self.k, self.alpha, self.backend = k, alpha, backend
         self._counter = 0
         self._slow: dict = {}
+        self._plan = None  # (signature, groups): see _sync_groups
         # Optimizer.__init__ sets up hooks; then share the base's groups and state.
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups = optimizer.param_groups
@@ -56,6 +57,7 @@ class Lookahead(SlowWeightsMixin, Optimizer):
             return  # called from Optimizer.__init__ with the base's own groups
         self.optimizer.add_param_group(param_group)
         init_slow(trainable([self.optimizer.param_groups[-1]]), self._slow)
+        self._plan = None
 
     def step(self, closure=None):
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
@@ -75,18 +77,30 @@ class Lookahead(SlowWeightsMixin, Optimizer):
     def _slow_map(self) -> dict:
         return self._slow
 
+    def _sync_groups(self) -> list[tuple[list, list]]:
+        """(slow weights, params) per (device, dtype), rebuilt only when the trainable
+        parameters change (identity, requires_grad or storage): regrouping every sync
+        costs more than the fused sync itself on a small model."""
+        sig = tuple([(id(p), p.requires_grad, p.data_ptr())
+                     for g in self.param_groups for p in g["params"]])
+        plan = self._plan
+        if plan is None or plan[0] != sig:
+            groups: dict = {}
+            for p in trainable(self.param_groups):
+                groups.setdefault((p.device, p.dtype), []).append(p)
+            plan = self._plan = (sig, [([self._slow[p] for p in ps], ps) for ps in groups.values()])
+        return plan[1]
+
     @torch.no_grad()
     def _sync_now(self) -> None:
-        groups: dict = {}
-        for p in trainable(self.param_groups):
-            groups.setdefault((p.device, p.dtype), []).append(p)
-        for params in groups.values():
-            ops.lookahead_sync_([self._slow[p] for p in params], params, self.alpha,
-                                backend=self.backend)
-            for p in params:  # a base optimizer with fp32 master weights (e.g. SAM on bf16)
-                master = self.state.get(p, {}).get("master") if p in self.state else None
-                if isinstance(master, Tensor) and master.shape == p.shape:
-                    master.copy_(self._slow[p])
+        for slow, params in self._sync_groups():
+            ops.lookahead_sync_(slow, params, self.alpha, backend=self.backend)
+            if self.state:  # a base optimizer with fp32 master weights (e.g. SAM on bf16)
+                for p, s in zip(params, slow):
+                    st = self.state.get(p)
+                    master = st.get("master") if st else None
+                    if isinstance(master, Tensor) and master.shape == p.shape:
+                        master.copy_(s)
         self._counter = 0
 
     # ------------------------------------------------------------------ state dict
@@ -110,3 +124,4 @@ class Lookahead(SlowWeightsMixin, Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         self._slow = {params[int(i)]: s.detach().clone().to(params[int(i)].device)
                       for i, s in la["slow"].items()}
+        self._plan = None
