@@ -6,7 +6,12 @@ Same model (SmallCNN, CIFAR-shaped random batch) and seed for both libraries:
   |parameter difference| after 20 steps;
 - optimizer-side time per step (everything except forward/backward; gradients are preset
   tensors): SAM step, and the Lookahead sync overhead (Lookahead(SGD, k=1) step minus the
-  SGD step, so every step syncs);
+  SGD step, so every step syncs), on two models: SmallCNN (8 tensors, ~0.1M params, where
+  fixed per-call costs dominate) and CIFAR ResNet-18 (62 tensors, 11.2M params, where memory
+  traffic dominates; skipped with --quick). Byte bound of the sync: ours reads slow and fast
+  and writes both (16 B/param in fp32), the peer's foreach lerp + copy moves 20 B/param, so
+  at memory-bound sizes no implementation can be more than ~1.25x the peer's traffic ratio
+  unless the peer runs below bandwidth;
 - GSAM: pytorch-optimizer's GSAM is the *surrogate-gap* GSAM of Zhuang et al. 2022, not the
   paper's GSAM (GraphSAM, Wang et al. 2024); the algorithms differ, so only the whole-step
   time (2 forward/backward passes each) is put side by side, no trajectory.
@@ -88,14 +93,14 @@ def trajectories(device, backend, hp):
     return out
 
 
-def timings(device, backend, reps, width):
+def _optimizer_side(device, backend, reps, model):
+    """SAM step and Lookahead sync overhead on `model`'s parameters, gradients preset."""
     import lookahead_ext as la
     import pytorch_optimizer as po
-    from lookahead_ext.optim.baselines import GSAM as OurGSAM
     res = {}
-    model, x, y = _setup(device, width=width)
     params = list(model.parameters())
-    grads = [torch.randn_like(p) * 0.01 for p in params]
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    grads = [(torch.randn(p.shape, generator=gen) * 0.01).to(device) for p in params]
 
     def set_grads():
         for p, g in zip(params, grads):
@@ -133,6 +138,24 @@ def timings(device, backend, reps, width):
     res["Lookahead sync overhead (k=1 step - SGD step)"] = dict(
         ours=max(t_ours - t_sgd, 0.0), peer=max(t_peer - t_sgd, 0.0), sgd_step=t_sgd,
         ours_step=t_ours, peer_step=t_peer)
+    return res
+
+
+def timings(device, backend, reps, width, large=True):
+    """Optimizer-side times on SmallCNN(width) (8 tensors, ~0.1M params: per-call overheads
+    dominate) and, unless ``large`` is False, on CIFAR ResNet-18 (62 tensors, 11.2M params:
+    memory traffic dominates); the GSAM whole step on SmallCNN only."""
+    import lookahead_ext as la  # noqa: F401
+    import pytorch_optimizer as po
+    from lookahead_ext.optim.baselines import GSAM as OurGSAM
+    model, x, y = _setup(device, width=width)
+    res = {f"SmallCNN(width={width}): {k}": v
+           for k, v in _optimizer_side(device, backend, reps, model).items()}
+    if large:
+        torch.manual_seed(0)
+        big = common.ResNet18().to(device)
+        res.update({f"ResNet-18: {k}": v
+                    for k, v in _optimizer_side(device, backend, max(3, reps // 4), big).items()})
 
     # GSAM: different algorithms of the same name, whole step with forward/backward, each
     # on a fresh copy of the model (the preset random gradients above moved the weights)
@@ -158,7 +181,7 @@ def timings(device, backend, reps, width):
         err = None
     except Exception as exc:
         t_pg, err = None, f"{type(exc).__name__}: {exc}"
-    res["GSAM whole step incl. 2 fwd/bwd (different algorithms)"] = dict(
+    res[f"SmallCNN(width={width}): GSAM whole step incl. 2 fwd/bwd (different algorithms)"] = dict(
         ours=t_og, peer=t_pg, peer_error=err, ours_skipped=ours_g.num_skipped)
     return res
 
@@ -172,10 +195,11 @@ def run(args) -> dict:
     hp = dict(lr=0.05, rho=0.05)
     traj = trajectories(args.device, args.backend, hp)
     width = 8 if args.quick else 32
-    tim = timings(args.device, args.backend, 3 if args.quick else 20, width)
+    tim = timings(args.device, args.backend, 3 if args.quick else 20, width, large=not args.quick)
     payload = dict(env=common.env_info(args.device), backend=args.backend,
                    peer=f"pytorch-optimizer {getattr(po, '__version__', '')}".strip(),
-                   trajectories=traj, timings=tim, timing_model=f"SmallCNN(width={width})")
+                   trajectories=traj, timings=tim,
+                   timing_models=f"SmallCNN(width={width}), 8 tensors; CIFAR ResNet-18, 62 tensors")
     rows = []
     for name, r in tim.items():
         ours, peer = r["ours"], r.get("peer")
@@ -185,8 +209,8 @@ def run(args) -> dict:
           f"Trajectories, same model and seed, {STEPS} steps (max |param difference|):\n\n"
           + common.md_table(["algorithm", "max abs diff"],
                             [(k, f"{v['max_abs_diff']:.2e}") for k, v in traj.items()])
-          + f"\n\nTime per step, {payload['timing_model']} "
-          "(optimizer side = gradients preset, no forward/backward):\n\n"
+          + "\n\nTime per step (optimizer side = gradients preset, no forward/backward; "
+          f"{torch.get_num_threads()} torch thread(s)):\n\n"
           + common.md_table(["", "ours (ms)", "pytorch-optimizer (ms)", "peer / ours"], rows))
     common.write_results(args.out, f"peers_{args.device.split(':')[0]}", payload, md)
     return payload

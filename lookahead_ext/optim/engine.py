@@ -631,7 +631,6 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         if not self.lookahead:
             eng["k"] = 0
         elif eng["k"] >= self._glob("k"):
-            self._ensure_synced(buckets)
             self._sync_buckets(buckets)
 
     def _base_step(self, b: Bucket, grads, coefs, v, v_coefs, backend) -> None:
@@ -696,9 +695,13 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         eng = self._engine
         alpha = self._glob("alpha")
         for b in buckets:
-            if b.params:
-                ops.lookahead_sync_([self._slow[p] for p in b.params], b.masters, alpha,
-                                    params=b.params, backend=self._backend())
+            if not b.params:
+                continue
+            slow = [self._slow[p] for p in b.params]
+            if b.low_precision:  # the fp32 masters are the fast weights; params = cast(slow)
+                ops.lookahead_sync_(slow, b.masters, alpha, params=b.params, backend=self._backend())
+            else:  # fp32/fp64: the params hold w between steps (the masters are scratch)
+                ops.lookahead_sync_(slow, b.params, alpha, backend=self._backend())
         eng["k"] = 0
         eng["cycles"] += 1
         if self._glob("reset_base_state"):
@@ -715,9 +718,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     def _sync_now(self) -> None:
         if not self.lookahead:
             raise RuntimeError(f"{type(self).__name__} has no slow weights (not a lookahead optimizer)")
-        buckets = make_buckets(self.param_groups, self.state, self._scratch)
-        self._ensure_synced(buckets)
-        self._sync_buckets(buckets)
+        self._sync_buckets(self._step_buckets())
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict:
