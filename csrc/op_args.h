@@ -70,6 +70,42 @@ inline void check_vcoefs(const c10::optional<at::Tensor>& t, at::ArrayRef<double
   }
 }
 
+// combine_step_'s optional v_sq_out (a float32 [1] accumulator on the op's device, only
+// with v) and write_masters=false (params get the new w, masters are only read: same dtype).
+inline void check_combine_extras(const char* op, at::TensorList params, at::TensorList masters, at::TensorList v,
+                                 const c10::optional<at::Tensor>& v_sq_out, bool write_masters,
+                                 const at::Device& dev) {
+  if (v_sq_out) {
+    TORCH_CHECK(!v.empty() || params.empty(), op, ": v_sq_out needs v (it accumulates sum v_new^2)");
+    TORCH_CHECK(v_sq_out->scalar_type() == at::kFloat && v_sq_out->numel() == 1, op,
+                ": v_sq_out must be a float32 tensor with one element, got ", v_sq_out->scalar_type(), " ",
+                v_sq_out->sizes());
+    TORCH_CHECK(v_sq_out->device() == dev, op, ": v_sq_out is on ", v_sq_out->device(), ", expected ", dev);
+  }
+  if (!write_masters) {
+    for (size_t i = 0; i < params.size() && i < masters.size(); ++i) {
+      TORCH_CHECK(params[i].scalar_type() == masters[i].scalar_type(), op,
+                  ": write_masters=False needs params of the masters' dtype (float32), got params[", i, "] ",
+                  params[i].scalar_type());
+    }
+  }
+}
+
+// nonfinite_'s list_sizes (tensors per list; empty: one list) as offsets [0, ..., n].
+inline std::vector<int64_t> list_bounds(at::IntArrayRef list_sizes, int64_t n) {
+  std::vector<int64_t> b{0};
+  if (list_sizes.empty()) {
+    b.push_back(n);
+    return b;
+  }
+  for (int64_t k : list_sizes) {
+    TORCH_CHECK(k >= 0, "nonfinite_: list_sizes must be >= 0");
+    b.push_back(b.back() + k);
+  }
+  TORCH_CHECK(b.back() == n, "nonfinite_: list_sizes sum to ", b.back(), " but there are ", n, " tensors");
+  return b;
+}
+
 inline void check_scalar(const c10::optional<at::Tensor>& t, const char* op, const char* name,
                          const at::Device& dev) {
   if (t) {
