@@ -56,18 +56,28 @@ inline Combine make_combine(at::ArrayRef<double> coefs, at::IntArrayRef flags, b
   return k;
 }
 
-// The device-scalar coefficients (bv, a0, ap, am) of the v update: from a float32 [4]
-// tensor when given (read in-kernel on CUDA, no host sync), else from host floats.
-inline void check_vcoefs(const c10::optional<at::Tensor>& t, at::ArrayRef<double> f,
-                         const at::Device& dev) {
-  if (t) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 4 && t->is_contiguous(),
-                "combine_step_: v_coefs tensor must be a contiguous float32 tensor of 4 values");
-    TORCH_CHECK(t->device() == dev, "combine_step_: v_coefs tensor is on ", t->device(),
-                ", expected ", dev);
-  } else {
-    TORCH_CHECK(f.size() == 4, "combine_step_: v_coefs must have 4 entries (bv, a0, a+, a-)");
+// The coefficients (bv, a0, ap, am) of the v update: entry i is the float32 one-element
+// device tensor t[i] when given (read in-kernel on CUDA, no host sync), else the host float
+// f[i]. t is empty (all host floats) or holds 4 optional tensors.
+using OptTensors = c10::List<c10::optional<at::Tensor>>;
+
+inline void check_vcoefs(const OptTensors& t, at::ArrayRef<double> f, const at::Device& dev) {
+  TORCH_CHECK(f.size() == 4, "combine_step_: v_coefs_f must have 4 entries (bv, a0, a+, a-)");
+  TORCH_CHECK(t.size() == 0 || t.size() == 4, "combine_step_: v_coefs_t must be empty or hold 4 entries");
+  for (size_t i = 0; i < t.size(); ++i) {
+    const c10::optional<at::Tensor> x = t.get(i);
+    if (!x) continue;
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->numel() == 1,
+                "combine_step_: v_coefs tensors must be float32 with one element");
+    TORCH_CHECK(x->device() == dev, "combine_step_: v_coefs tensor is on ", x->device(), ", expected ", dev);
   }
+}
+
+// Pointer of v_coefs entry i (nullptr: use the host float).
+inline const float* vcoef_ptr(const OptTensors& t, size_t i) {
+  if (t.size() == 0) return nullptr;
+  const c10::optional<at::Tensor> x = t.get(i);
+  return x ? x->data_ptr<float>() : nullptr;
 }
 
 // combine_step_'s optional v_sq_out (a float32 [1] accumulator on the op's device, only

@@ -213,7 +213,7 @@ void perturb_cpu(at::TensorList out, at::TensorList base, at::TensorList directi
 // ------------------------------------------------------------------ combine_step_
 void combine_step_cpu(at::TensorList params, at::TensorList masters, at::TensorList g0, at::TensorList gp,
                       at::TensorList gm, at::ArrayRef<double> coefs, at::TensorList state1,
-                      at::TensorList state2, at::TensorList v, const c10::optional<at::Tensor>& v_coefs_t,
+                      at::TensorList state2, at::TensorList v, const OptTensors& v_coefs_t,
                       at::ArrayRef<double> v_coefs_f, int64_t kind, at::ArrayRef<double> hyper,
                       at::IntArrayRef flags, const c10::optional<at::Tensor>& v_sq_out, bool write_masters) {
   const at::Device cpu(at::kCPU);
@@ -246,7 +246,8 @@ void combine_step_cpu(at::TensorList params, at::TensorList masters, at::TensorL
   if (a.adam) a.adamw = make_adamw(hyper);
   else a.sgd = make_sgd(hyper, flags, !state1.empty());
   for (int i = 0; i < 4 && !v.empty(); ++i) {
-    a.vc[i] = v_coefs_t ? v_coefs_t->data_ptr<float>()[i] : static_cast<float>(v_coefs_f[i]);
+    const float* q = vcoef_ptr(v_coefs_t, static_cast<size_t>(i));
+    a.vc[i] = q ? *q : static_cast<float>(v_coefs_f[i]);
   }
   const Table tab = make_table(numels);
   auto pp = ptrs(params);

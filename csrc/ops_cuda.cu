@@ -231,7 +231,7 @@ struct CombineScalars {
   Sgd sgd;
   AdamW adamw;
   float vc_f[4];
-  const float* vc_t;  // device [4] or nullptr
+  const float* vc_t[4];  // device scalars (nullptr: the host float vc_f)
   bool r0, rp, rm, has_s1, has_v;
   bool write_w;  // false: masters are only read (write_masters=false), the new w goes to params
 };
@@ -288,7 +288,7 @@ struct CombineFn {
     b.s2 = ADAM ? at_chunk<float>(tab, 6, l) : nullptr;
     b.v = cs.has_v ? at_chunk<float>(tab, 7, l) : nullptr;
     b.c = cs;
-    for (int j = 0; j < 4; ++j) b.vc[j] = cs.vc_t ? cs.vc_t[j] : cs.vc_f[j];
+    for (int j = 0; j < 4; ++j) b.vc[j] = cs.vc_t[j] ? *cs.vc_t[j] : cs.vc_f[j];
     b.len = l.len;
     for_ilp(l.len, all_aligned(b.p, b.w, b.g0, b.gp, b.gm, b.s1, b.s2, b.v), b);
   }
@@ -296,7 +296,7 @@ struct CombineFn {
 
 void combine_step_cuda(at::TensorList params, at::TensorList masters, at::TensorList g0, at::TensorList gp,
                        at::TensorList gm, at::ArrayRef<double> coefs, at::TensorList state1,
-                       at::TensorList state2, at::TensorList v, const c10::optional<at::Tensor>& v_coefs_t,
+                       at::TensorList state2, at::TensorList v, const OptTensors& v_coefs_t,
                        at::ArrayRef<double> v_coefs_f, int64_t kind, at::ArrayRef<double> hyper,
                        at::IntArrayRef flags, const c10::optional<at::Tensor>& v_sq_out, bool write_masters) {
   const char* op = "combine_step_";
@@ -334,8 +334,10 @@ void combine_step_cuda(at::TensorList params, at::TensorList masters, at::Tensor
   cs.has_s1 = adam || cs.sgd.use_momentum;
   cs.has_v = !v.empty();
   cs.write_w = write_masters;
-  cs.vc_t = (cs.has_v && v_coefs_t) ? v_coefs_t->data_ptr<float>() : nullptr;
-  for (int i = 0; i < 4; ++i) cs.vc_f[i] = (cs.has_v && !v_coefs_t) ? static_cast<float>(v_coefs_f[i]) : 0.0f;
+  for (int i = 0; i < 4; ++i) {
+    cs.vc_t[i] = cs.has_v ? vcoef_ptr(v_coefs_t, static_cast<size_t>(i)) : nullptr;
+    cs.vc_f[i] = cs.has_v ? static_cast<float>(v_coefs_f[i]) : 0.0f;
+  }
   auto opt = [](at::TensorList l) { return l.empty() ? std::vector<void*>() : ptrs<void>(l); };
   std::vector<std::vector<void*>> lists = {ptrs<void>(params), ptrs<void>(masters), opt(g0), opt(gp), opt(gm),
                                            cs.has_s1 ? opt(state1) : std::vector<void*>(),

@@ -28,6 +28,7 @@ from . import reference
 from .base_step import ADAMW, BaseStep
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+_F32 = torch.float32
 _DEVICE = {"cpp": "cpu", "cuda": "cuda"}
 _MODULE = {"cpp": "lookahead_ext._C", "cuda": "lookahead_ext._C_cuda"}
 _loaded: dict[str, tuple[bool, str]] = {}
@@ -157,21 +158,22 @@ def _hyper(base: BaseStep) -> tuple[int, list[float], list[int]]:
         [int(base.nesterov), int(base.first)]
 
 
-def _v_coefs(v_coefs) -> tuple[Optional[Tensor], list[float], list[int]]:
-    """(device tensor [4] or None, host floats, term flags [w0, wp, wm]) of (bv, a0, ap, am)."""
-    bv, a0, ap, am = v_coefs
-    # a float zero coefficient drops its term (as in the reference); a tensor never does
-    wflags = [int(isinstance(c, Tensor) or float(c) != 0.0) for c in (a0, ap, am)]
-    tens = [isinstance(c, Tensor) for c in v_coefs]
-    if not any(tens):
-        return None, [float(c) for c in v_coefs], wflags
-    if all(tens) and all(c.dtype == torch.float32 and c.dim() == 0 for c in v_coefs):
-        vt = torch.stack(v_coefs)  # the engine's case: four 0-d float32 device scalars, one op
-        return (vt.detach() if vt.requires_grad else vt), [0.0] * 4, wflags
-    ref = next(c for c in v_coefs if isinstance(c, Tensor))
-    vt = torch.stack([c.detach().reshape(()).to(torch.float32) if isinstance(c, Tensor)
-                      else torch.tensor(float(c), dtype=torch.float32).to(ref.device) for c in v_coefs])
-    return vt, [0.0] * 4, wflags
+def _v_coefs(v_coefs) -> tuple[list, list[float], list[int]]:
+    """(device scalars or None per entry / [] when none, host floats, term flags [w0, wp, wm])
+    of (bv, a0, ap, am): 0-d tensors are passed as they are, read in the kernel."""
+    vt, vf, use = [], [], []
+    any_t = False
+    for c in v_coefs:
+        if isinstance(c, Tensor):
+            any_t = True
+            vt.append(c if c.dtype is _F32 and not c.requires_grad else _scalar_t(c))
+            vf.append(0.0)
+            use.append(1)  # a tensor coefficient never drops its term
+        else:
+            vt.append(None)
+            vf.append(float(c))
+            use.append(int(vf[-1] != 0.0))  # a float zero drops it (as in the reference)
+    return (vt if any_t else []), vf, use[1:]
 
 
 def combine_step_(params, masters, grads, coefs, base: BaseStep, base_state: dict,
@@ -188,7 +190,7 @@ def combine_step_(params, masters, grads, coefs, base: BaseStep, base_state: dic
     names = base.state_names()
     s1 = base_state[names[0]] if names else None
     s2 = base_state[names[1]] if len(names) > 1 else None
-    vt, vf, wflags = (None, [0.0] * 4, [0, 0, 0]) if v is None else _v_coefs(v_coefs)
+    vt, vf, wflags = ([], [0.0] * 4, [0, 0, 0]) if v is None else _v_coefs(v_coefs)
     g0, gp, gm = ([] if g is None else g for g in grads)
     cf = [float(c) for c in coefs]
     fl = flags + wflags
