@@ -6,6 +6,11 @@
 #include <cstdint>
 #include <cstring>
 #include <math.h>
+#include <type_traits>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>  // its intrinsics carry their own target attributes
+#endif
 
 namespace la {
 namespace cpu {
@@ -27,6 +32,7 @@ bool avx2_supported() {
 #define LA_HAVE_AVX2_TU 1
 #pragma GCC target("avx2,fma,f16c")
 #define LA_ISA avx2
+#define LA_NT_STORES 1  // _mm256_stream_si256 + _mm_sfence for write-only outputs
 #include "cpu_kernels.h"
 #endif
 

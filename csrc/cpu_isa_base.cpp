@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <cstring>
 #include <math.h>
+#include <type_traits>
 
 #define LA_ISA base
 #include "cpu_kernels.h"

@@ -1,6 +1,22 @@
 // The CPU kernels, included by each cpu_isa_*.cpp inside namespace la::cpu::LA_ISA.
 // Each op walks the chunk table with one OpenMP loop; the per-element math is la_math.h.
-// Inner loops are branch-free in the element index so the compiler vectorizes them.
+//
+// Every chunk is walked in blocks of kBlock (= kDotBlock) elements, the block grid of
+// multi_dot: a fused reduction (v_sq_out of combine_step_, the norms of nonfinite_) runs
+// dot_block over each block right after it is written, while it is in L1, so it adds to
+// the same partials multi_dot would compute on that data (bitwise equal results).
+// The element loops are `span` functions with __restrict__ parameters (GCC honours
+// restrict on parameters, not on local pointers: with locals it versions the loop with
+// run-time alias checks and gives up past ten of them, leaving the 8-stream combine loop
+// scalar), branch-free in the element index, so the compiler vectorizes them.
+//
+// Streaming (non-temporal) stores: an output the op writes without reading it (perturb_'s
+// out and backup, combine_step_'s params, lookahead_sync_'s params) is, for large calls
+// (Work::nt), computed into an L1 block buffer with the very same code and then copied to
+// memory with NT stores (nt_copy; scalar head/tail to 32-byte alignment), followed by
+// an sfence. That skips the read-for-ownership of the destination line (4 B/elem for
+// fp32). Only the ISA translation units that define LA_NT_STORES have them; elsewhere
+// nt_copy is a memcpy and Work::nt is ignored.
 #pragma once
 
 #include "cpu_kernels_api.h"
@@ -11,9 +27,38 @@ namespace LA_ISA {
 
 template <class F>
 void for_chunks(const Work& w, const F& f) {
-#pragma omp parallel for schedule(static) num_threads(w.threads) if (w.threads > 1)
+  if (w.threads <= 1) {  // no OpenMP region at all: its entry costs ~1 us per call
+    for (int64_t c = 0; c < w.n_chunks; ++c) f(c, w.chunks[c]);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(w.threads)
   for (int64_t c = 0; c < w.n_chunks; ++c) f(c, w.chunks[c]);
 }
+
+#if defined(LA_NT_STORES)
+constexpr bool kHaveNT = true;
+// dst <- src (bytes, a multiple of the element size): NT stores on the 32-byte aligned
+// middle, plain copies of the head and tail. Bitwise a memcpy.
+static inline void nt_copy(void* dst, const void* src, int64_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  int64_t head = static_cast<int64_t>((32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31);
+  if (head > bytes) head = bytes;
+  std::memcpy(d, s, static_cast<size_t>(head));
+  int64_t i = head;
+  for (; i + 32 <= bytes; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+  }
+  std::memcpy(d + i, s + i, static_cast<size_t>(bytes - i));
+}
+static inline void nt_fence() { _mm_sfence(); }
+#else
+constexpr bool kHaveNT = false;
+static inline void nt_copy(void* dst, const void* src, int64_t bytes) {
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+}
+static inline void nt_fence() {}
+#endif
 
 template <class F>
 void dispatch(int code, const F& f) {
@@ -139,7 +184,64 @@ void k_dot(const DotArgs& a) {
   }
 }
 
+// ------------------------------------------------------------------ blocks and stores
+constexpr int64_t kBlock = kDotBlock;
+
+// Runs f(b0, n) over the blocks of a chunk: [k.b + m kBlock, ...) clipped to k.e, the
+// block grid of k_dot.
+template <class F>
+static inline void for_blocks(const Chunk& k, const F& f) {
+  for (int64_t b0 = k.b; b0 < k.e; b0 += kBlock) f(b0, k.e - b0 < kBlock ? k.e - b0 : kBlock);
+}
+
+// dst[0..n) <- cast(src[0..n)), through `tmp` (a kBlock buffer) and NT stores when nt.
+template <class T>
+__attribute__((noinline)) static void cast_span(T* __restrict__ dst, const float* __restrict__ src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = from_f<T>(src[j]);
+}
+
+template <class T>
+static inline void store_cast(T* dst, const float* src, int64_t n, bool nt, T* tmp) {
+  if constexpr (sizeof(T) == 4) {
+    if (nt) nt_copy(dst, src, n * 4);
+    else std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+  } else {
+    cast_span(nt ? tmp : dst, src, n);
+    if (nt) nt_copy(dst, tmp, n * static_cast<int64_t>(sizeof(T)));
+  }
+}
+
 // ------------------------------------------------------------------ perturb_
+template <class O, class B, class D>
+__attribute__((noinline)) static void perturb_span(O* __restrict__ o, const B* __restrict__ b,
+                                                   const D* __restrict__ d, B* __restrict__ bk,
+                                                   int64_t n, float s) {
+  if (bk) {
+    for (int64_t j = 0; j < n; ++j) {
+      const B x = b[j];
+      bk[j] = x;
+      o[j] = from_f<O>(perturb(to_f(x), to_f(d[j]), s));
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) o[j] = from_f<O>(perturb(to_f(b[j]), to_f(d[j]), s));
+  }
+}
+
+// out is base (in-place probe on parameters, backup written first, element by element)
+template <class T, class D>
+__attribute__((noinline)) static void perturb_inplace_span(T* __restrict__ o, const D* __restrict__ d,
+                                                           T* __restrict__ bk, int64_t n, float s) {
+  if (bk) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T x = o[j];
+      bk[j] = x;
+      o[j] = from_f<T>(perturb(to_f(x), to_f(d[j]), s));
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) o[j] = from_f<T>(perturb(to_f(o[j]), to_f(d[j]), s));
+  }
+}
+
 void k_perturb(const PerturbArgs& a) {
   dispatch(a.to, [&](auto to) {
     using O = decltype(to);
@@ -148,22 +250,29 @@ void k_perturb(const PerturbArgs& a) {
       dispatch(a.td, [&](auto td) {
         using D = decltype(td);
         for_chunks(a.w, [&](int64_t, const Chunk& k) {
-          // scalars copied into the chunk's own locals: a by-reference capture could alias
-          // the stores below, forcing a reload per element and blocking vectorization
           const float s = a.scale;
+          const bool nt = kHaveNT && a.w.nt;
           O* o = static_cast<O*>(a.out[k.t]);
           B* b = static_cast<B*>(a.base[k.t]);
           const D* d = static_cast<const D*>(a.dir[k.t]);
-          if (a.backup) {  // backup before out: out may alias base
-            B* bk = static_cast<B*>(a.backup[k.t]);
-            for (int64_t i = k.b; i < k.e; ++i) {
-              const B x = b[i];
-              bk[i] = x;
-              o[i] = from_f<O>(perturb(to_f(x), to_f(d[i]), s));
+          B* bk = a.backup ? static_cast<B*>(a.backup[k.t]) : nullptr;
+          alignas(64) O otmp[kBlock];
+          alignas(64) B ktmp[kBlock];
+          const bool inplace = static_cast<void*>(o) == static_cast<void*>(b);
+          for_blocks(k, [&](int64_t b0, int64_t n) {
+            B* kd = bk ? (nt ? ktmp : bk + b0) : nullptr;  // the backup is write-only
+            if constexpr (std::is_same_v<O, B>) {
+              if (inplace) {  // out is read here: regular stores
+                perturb_inplace_span(o + b0, d + b0, kd, n, s);
+                if (bk && nt) nt_copy(bk + b0, ktmp, n * static_cast<int64_t>(sizeof(B)));
+                return;
+              }
             }
-          } else {
-            for (int64_t i = k.b; i < k.e; ++i) o[i] = from_f<O>(perturb(to_f(b[i]), to_f(d[i]), s));
-          }
+            perturb_span(nt ? otmp : o + b0, b + b0, d + b0, kd, n, s);
+            if (nt) nt_copy(o + b0, otmp, n * static_cast<int64_t>(sizeof(O)));
+            if (bk && nt) nt_copy(bk + b0, ktmp, n * static_cast<int64_t>(sizeof(B)));
+          });
+          if (nt) nt_fence();
         });
       });
     });
@@ -171,50 +280,72 @@ void k_perturb(const PerturbArgs& a) {
 }
 
 // ------------------------------------------------------------------ combine_step_
-// The term flags (which gradients enter d and v) are template parameters here so that
-// each inner loop is straight-line code; the formulas are la_math.h's, fed a Combine
-// whose flags are these same compile-time constants.
+// The math of one block: reads w (masters) and the gradients, updates the state (s1, s2)
+// and v in place, writes the new w into `wn` (an L1 buffer); the caller then stores wn
+// into masters and/or params. The term flags are template parameters so that the loop
+// is straight-line code; the formulas are la_math.h's, fed a Combine whose flags are
+// these same compile-time constants.
+template <class G, bool ADAM, bool HAS_V, bool R0, bool RP, bool RM, bool S1>
+__attribute__((noinline)) static void combine_span(
+    int64_t n, const CombineArgs& a, const float* __restrict__ w, float* __restrict__ wn,
+    const G* __restrict__ x0, const G* __restrict__ xp, const G* __restrict__ xm, float* __restrict__ b1,
+    float* __restrict__ b2, float* __restrict__ vv) {
+  // local copies of every scalar: a load through `a` could alias the stores below
+  Combine k = a.k;
+  k.u0 = k.u0 && R0;
+  k.up = k.up && RP;
+  k.um = k.um && RM;
+  k.w0 = k.w0 && R0 && HAS_V;
+  k.wp = k.wp && RP && HAS_V;
+  k.wm = k.wm && RM && HAS_V;
+  const AdamW ah = a.adamw;
+  const Sgd sh = a.sgd;
+  const float bv = a.vc[0], a0 = a.vc[1], ap = a.vc[2], am = a.vc[3];
+  for (int64_t i = 0; i < n; ++i) {
+    const float f0 = R0 ? to_f(x0[i]) : 0.0f;
+    const float fp = RP ? to_f(xp[i]) : 0.0f;
+    const float fm = RM ? to_f(xm[i]) : 0.0f;
+    const float d = direction(k, f0, fp, fm);
+    if (HAS_V) vv[i] = momentum_v(k, vv[i], f0, fp, fm, bv, a0, ap, am);
+    if (ADAM) {
+      wn[i] = adamw(ah, w[i], d, b1 + i, b2 + i);
+    } else {
+      float buf = S1 ? b1[i] : 0.0f;  // a register: no store to a fixed address
+      wn[i] = sgd(sh, w[i], d, &buf);
+      if (S1) b1[i] = buf;
+    }
+  }
+}
+
 template <class P, class G, bool ADAM, bool HAS_V, bool R0, bool RP, bool RM, bool S1>
 void combine_typed(const CombineArgs& a) {
-  for_chunks(a.w, [&](int64_t, const Chunk& c) {
-    // per-chunk local copies of every scalar (see k_perturb); the term flags are constants
-    Combine k = a.k;
-    k.u0 = k.u0 && R0;
-    k.up = k.up && RP;
-    k.um = k.um && RM;
-    k.w0 = k.w0 && R0 && HAS_V;
-    k.wp = k.wp && RP && HAS_V;
-    k.wm = k.wm && RM && HAS_V;
-    const AdamW ah = a.adamw;
-    const Sgd sh = a.sgd;
-    const float bv = a.vc[0], a0 = a.vc[1], ap = a.vc[2], am = a.vc[3];
-    // __restrict__: the streams are distinct tensors (checked in ops_cpu.cpp); without it
-    // GCC needs more run-time alias checks than it allows and leaves the loop scalar
-    P* __restrict__ p = static_cast<P*>(a.params[c.t]);
-    float* __restrict__ w = a.masters[c.t];
-    const G* __restrict__ x0 = R0 ? static_cast<const G*>(a.g0[c.t]) : nullptr;
-    const G* __restrict__ xp = RP ? static_cast<const G*>(a.gp[c.t]) : nullptr;
-    const G* __restrict__ xm = RM ? static_cast<const G*>(a.gm[c.t]) : nullptr;
-    float* __restrict__ b1 = S1 ? a.s1[c.t] : nullptr;
-    float* __restrict__ b2 = ADAM ? a.s2[c.t] : nullptr;
-    float* __restrict__ vv = HAS_V ? a.v[c.t] : nullptr;
-    for (int64_t i = c.b; i < c.e; ++i) {
-      const float f0 = R0 ? to_f(x0[i]) : 0.0f;
-      const float fp = RP ? to_f(xp[i]) : 0.0f;
-      const float fm = RM ? to_f(xm[i]) : 0.0f;
-      const float d = direction(k, f0, fp, fm);
-      if (HAS_V) vv[i] = momentum_v(k, vv[i], f0, fp, fm, bv, a0, ap, am);
-      float wn;
-      if (ADAM) {
-        wn = adamw(ah, w[i], d, b1 + i, b2 + i);
-      } else {
-        float buf = S1 ? b1[i] : 0.0f;  // a register: no store to a fixed address
-        wn = sgd(sh, w[i], d, &buf);
-        if (S1) b1[i] = buf;
-      }
-      w[i] = wn;
-      p[i] = from_f<P>(wn);
-    }
+  for_chunks(a.w, [&](int64_t c, const Chunk& k) {
+    const bool nt = kHaveNT && a.w.nt;
+    P* p = static_cast<P*>(a.params[k.t]);
+    float* w = a.masters[k.t];
+    const G* x0 = R0 ? static_cast<const G*>(a.g0[k.t]) : nullptr;
+    const G* xp = RP ? static_cast<const G*>(a.gp[k.t]) : nullptr;
+    const G* xm = RM ? static_cast<const G*>(a.gm[k.t]) : nullptr;
+    float* b1 = S1 ? a.s1[k.t] : nullptr;
+    float* b2 = ADAM ? a.s2[k.t] : nullptr;
+    float* vv = HAS_V ? a.v[k.t] : nullptr;
+    // params that are the masters themselves (fp32, LookaheadBio): one store, to both
+    const bool alias = static_cast<void*>(p) == static_cast<void*>(w);
+    const bool write_w = a.write_masters || alias, write_p = !alias;
+    alignas(64) float wn[kBlock];
+    alignas(64) P ptmp[kBlock];
+    double vsq = 0.0;
+    for_blocks(k, [&](int64_t b0, int64_t n) {
+      combine_span<G, ADAM, HAS_V, R0, RP, RM, S1>(n, a, w + b0, wn, R0 ? x0 + b0 : nullptr, RP ? xp + b0 : nullptr,
+                                                   RM ? xm + b0 : nullptr, S1 ? b1 + b0 : nullptr,
+                                                   ADAM ? b2 + b0 : nullptr, HAS_V ? vv + b0 : nullptr);
+      if (write_w) std::memcpy(w + b0, wn, static_cast<size_t>(n) * 4);
+      if (write_p) store_cast(p + b0, wn, n, nt, ptmp);
+      // ||v_new||^2 of the block just stored (in L1): multi_dot's lanes and block grid
+      if (HAS_V && a.vsq_slot) vsq += dot_block<float, float>(vv, vv, b0, n);
+    });
+    if (HAS_V && a.vsq_slot) a.vsq_slot[c] = vsq;
+    if (nt && write_p) nt_fence();
   });
 }
 
@@ -250,30 +381,41 @@ void k_combine(const CombineArgs& a) {
 }
 
 // ------------------------------------------------------------------ lookahead_sync_
+template <class F, class Q>
+__attribute__((noinline)) static void sync_span(float* __restrict__ s, F* __restrict__ f, Q* __restrict__ q,
+                                                int64_t n, float al) {
+  if (q) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = lookahead(s[i], to_f(f[i]), al);
+      s[i] = x;
+      f[i] = from_f<F>(x);
+      q[i] = from_f<Q>(x);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = lookahead(s[i], to_f(f[i]), al);
+      s[i] = x;
+      f[i] = from_f<F>(x);
+    }
+  }
+}
+
 void k_sync(const SyncArgs& a) {
   dispatch(a.tf, [&](auto tf) {
     using F = decltype(tf);
     dispatch(a.tq, [&](auto tq) {
       using Q = decltype(tq);
       for_chunks(a.w, [&](int64_t, const Chunk& c) {
-        const float al = a.alpha;  // local copy (see k_perturb)
-        float* __restrict__ s = a.slow[c.t];  // distinct tensors (checked in ops_cpu.cpp)
-        F* __restrict__ f = static_cast<F*>(a.fast[c.t]);
-        if (a.params) {
-          Q* __restrict__ q = static_cast<Q*>(a.params[c.t]);
-          for (int64_t i = c.b; i < c.e; ++i) {
-            const float x = lookahead(s[i], to_f(f[i]), al);
-            s[i] = x;
-            f[i] = from_f<F>(x);
-            q[i] = from_f<Q>(x);
-          }
-        } else {
-          for (int64_t i = c.b; i < c.e; ++i) {
-            const float x = lookahead(s[i], to_f(f[i]), al);
-            s[i] = x;
-            f[i] = from_f<F>(x);
-          }
-        }
+        const bool nt = kHaveNT && a.w.nt && a.params;  // params: written, never read
+        float* s = a.slow[c.t];
+        F* f = static_cast<F*>(a.fast[c.t]);
+        Q* q = a.params ? static_cast<Q*>(a.params[c.t]) : nullptr;
+        alignas(64) Q qtmp[kBlock];
+        for_blocks(c, [&](int64_t b0, int64_t n) {
+          sync_span(s + b0, f + b0, q ? (nt ? qtmp : q + b0) : nullptr, n, a.alpha);
+          if (nt) nt_copy(q + b0, qtmp, n * static_cast<int64_t>(sizeof(Q)));
+        });
+        if (nt) nt_fence();
       });
     });
   });
@@ -299,7 +441,20 @@ void k_nonfinite(const NonfiniteArgs& a) {
   for_chunks(a.w, [&](int64_t c, const Chunk& k) {
     dispatch(a.types[k.t], [&](auto tt) {
       using T = decltype(tt);
-      a.bad[c] = nonfinite_range(static_cast<T*>(a.x[k.t]), k.b, k.e, a.unscale, a.inv_scale);
+      T* x = static_cast<T*>(a.x[k.t]);
+      if (!a.sq_slot) {
+        a.bad[c] = nonfinite_range(x, k.b, k.e, a.unscale, a.inv_scale);
+        return;
+      }
+      // check (and unscale) a block, then its squared norm while it is in L1: one read
+      uint8_t bad = 0;
+      double acc = 0.0;
+      for_blocks(k, [&](int64_t b0, int64_t n) {
+        bad |= nonfinite_range(x, b0, b0 + n, a.unscale, a.inv_scale);
+        acc += dot_block<T, T>(x, x, b0, n);
+      });
+      a.bad[c] = bad;
+      a.sq_slot[c] = acc;
     });
   });
 }

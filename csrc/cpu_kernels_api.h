@@ -20,6 +20,7 @@ struct Work {
   const Chunk* chunks;
   int64_t n_chunks;
   int threads;  // OpenMP threads (1: serial)
+  bool nt;      // streaming stores for write-only outputs (large calls; ISA TUs that have them)
 };
 
 // All pairs of one multi_dot call in one pass: each chunk is walked block by block (kDotBlock
@@ -54,8 +55,10 @@ struct CombineArgs {
   float* const* s1;  // SGD momentum buffer / AdamW exp_avg (nullptr: none)
   float* const* s2;  // AdamW exp_avg_sq
   float* const* v;   // nullptr: no v update
+  double* vsq_slot;  // nullptr, or one partial of sum v_new^2 per chunk (multi_dot's blocks)
   int tp, tg;
   bool adam;
+  bool write_masters;  // false: masters are only read, the new w goes to params only
   Combine k;
   Sgd sgd;
   AdamW adamw;
@@ -76,6 +79,7 @@ struct NonfiniteArgs {
   void* const* x;
   const int* types;  // dtype code per tensor
   uint8_t* bad;      // one flag per chunk
+  double* sq_slot;   // nullptr, or one partial of sum x^2 per chunk (multi_dot's blocks)
   bool unscale;
   float inv_scale;
 };

@@ -14,9 +14,22 @@
 
 namespace la {
 
+// c ? a : b for a condition that is loop-invariant at run time (a hyper-parameter flag).
+// On the CPU as bit operations on a broadcast mask: GCC does not vectorize a float select
+// on an invariant scalar bool ("relevant stmt not supported"), and the loops must vectorize.
+// Exactly one of a, b is returned bit for bit, so the dropped side's NaN never leaks.
+LA_HD float sel(bool c, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return float_of((bits_of(a) & m) | (bits_of(b) & ~m));
+#endif
+}
+
 // torch.lerp's two-sided formula (aten/src/ATen/native/Lerp.h): exact at both ends.
 LA_HD float lerp(float a, float b, float w) {
-  return (w < 0.5f && w > -0.5f) ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+  return sel(w < 0.5f && w > -0.5f, a + w * (b - a), b - (b - a) * (1.0f - w));
 }
 
 LA_HD bool finite(float x) {
@@ -40,11 +53,13 @@ struct Combine {
   bool w0, wp, wm;         // which terms enter v_new (bv v always does when v is given)
 };
 
+// Selects (sel), not branches, here and below: the flags are loop-invariant at run time,
+// and the CPU loops must vectorize (a dropped term's NaN still never reaches the result).
 LA_HD float direction(const Combine& k, float g0, float gp, float gm) {
   float d = 0.0f;
-  if (k.u0) d = d + k.c0 * g0;
-  if (k.up) d = d + k.cp * gp;
-  if (k.um) d = d + k.cm * gm;
+  d = sel(k.u0, d + k.c0 * g0, d);
+  d = sel(k.up, d + k.cp * gp, d);
+  d = sel(k.um, d + k.cm * gm, d);
   return d;
 }
 
@@ -52,9 +67,9 @@ LA_HD float direction(const Combine& k, float g0, float gp, float gm) {
 LA_HD float momentum_v(const Combine& k, float v, float g0, float gp, float gm,
                        float bv, float a0, float ap, float am) {
   float r = bv * v;
-  if (k.w0) r = r + a0 * g0;
-  if (k.wp) r = r + ap * gp;
-  if (k.wm) r = r + am * gm;
+  r = sel(k.w0, r + a0 * g0, r);
+  r = sel(k.wp, r + ap * gp, r);
+  r = sel(k.wm, r + am * gm, r);
   return r;
 }
 
@@ -68,11 +83,11 @@ LA_HD float sgd(const Sgd& h, float w, float d, float* buf) {
   // selects, not branches: every path loads and stores *buf, so the CPU loop vectorizes
   // (a conditional store would block it); buf must point at writable memory even
   // without momentum (the kernels pass a register / a dummy then).
-  d = h.weight_decay != 0.0f ? d + h.weight_decay * w : d;
+  d = sel(h.weight_decay != 0.0f, d + h.weight_decay * w, d);
   const float old = *buf;
-  const float b = h.first ? d : h.momentum * old + (1.0f - h.dampening) * d;
-  *buf = h.use_momentum ? b : old;
-  d = h.use_momentum ? (h.nesterov ? d + h.momentum * b : b) : d;
+  const float b = sel(h.first, d, h.momentum * old + (1.0f - h.dampening) * d);
+  *buf = sel(h.use_momentum, b, old);
+  d = sel(h.use_momentum, sel(h.nesterov, d + h.momentum * b, b), d);
   return w + (-h.lr) * d;
 }
 

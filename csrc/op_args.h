@@ -56,18 +56,64 @@ inline Combine make_combine(at::ArrayRef<double> coefs, at::IntArrayRef flags, b
   return k;
 }
 
-// The device-scalar coefficients (bv, a0, ap, am) of the v update: from a float32 [4]
-// tensor when given (read in-kernel on CUDA, no host sync), else from host floats.
-inline void check_vcoefs(const c10::optional<at::Tensor>& t, at::ArrayRef<double> f,
-                         const at::Device& dev) {
-  if (t) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 4 && t->is_contiguous(),
-                "combine_step_: v_coefs tensor must be a contiguous float32 tensor of 4 values");
-    TORCH_CHECK(t->device() == dev, "combine_step_: v_coefs tensor is on ", t->device(),
-                ", expected ", dev);
-  } else {
-    TORCH_CHECK(f.size() == 4, "combine_step_: v_coefs must have 4 entries (bv, a0, a+, a-)");
+// The coefficients (bv, a0, ap, am) of the v update: entry i is the float32 one-element
+// device tensor t[i] when given (read in-kernel on CUDA, no host sync), else the host float
+// f[i]. t is empty (all host floats) or holds 4 optional tensors.
+using OptTensors = c10::List<c10::optional<at::Tensor>>;
+
+inline void check_vcoefs(const OptTensors& t, at::ArrayRef<double> f, const at::Device& dev) {
+  TORCH_CHECK(f.size() == 4, "combine_step_: v_coefs_f must have 4 entries (bv, a0, a+, a-)");
+  TORCH_CHECK(t.size() == 0 || t.size() == 4, "combine_step_: v_coefs_t must be empty or hold 4 entries");
+  for (size_t i = 0; i < t.size(); ++i) {
+    const c10::optional<at::Tensor> x = t.get(i);
+    if (!x) continue;
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->numel() == 1,
+                "combine_step_: v_coefs tensors must be float32 with one element");
+    TORCH_CHECK(x->device() == dev, "combine_step_: v_coefs tensor is on ", x->device(), ", expected ", dev);
   }
+}
+
+// Pointer of v_coefs entry i (nullptr: use the host float).
+inline const float* vcoef_ptr(const OptTensors& t, size_t i) {
+  if (t.size() == 0) return nullptr;
+  const c10::optional<at::Tensor> x = t.get(i);
+  return x ? x->data_ptr<float>() : nullptr;
+}
+
+// combine_step_'s optional v_sq_out (a float32 [1] accumulator on the op's device, only
+// with v) and write_masters=false (params get the new w, masters are only read: same dtype).
+inline void check_combine_extras(const char* op, at::TensorList params, at::TensorList masters, at::TensorList v,
+                                 const c10::optional<at::Tensor>& v_sq_out, bool write_masters,
+                                 const at::Device& dev) {
+  if (v_sq_out) {
+    TORCH_CHECK(!v.empty() || params.empty(), op, ": v_sq_out needs v (it accumulates sum v_new^2)");
+    TORCH_CHECK(v_sq_out->scalar_type() == at::kFloat && v_sq_out->numel() == 1, op,
+                ": v_sq_out must be a float32 tensor with one element, got ", v_sq_out->scalar_type(), " ",
+                v_sq_out->sizes());
+    TORCH_CHECK(v_sq_out->device() == dev, op, ": v_sq_out is on ", v_sq_out->device(), ", expected ", dev);
+  }
+  if (!write_masters) {
+    for (size_t i = 0; i < params.size() && i < masters.size(); ++i) {
+      TORCH_CHECK(params[i].scalar_type() == masters[i].scalar_type(), op,
+                  ": write_masters=False needs params of the masters' dtype (float32), got params[", i, "] ",
+                  params[i].scalar_type());
+    }
+  }
+}
+
+// nonfinite_'s list_sizes (tensors per list; empty: one list) as offsets [0, ..., n].
+inline std::vector<int64_t> list_bounds(at::IntArrayRef list_sizes, int64_t n) {
+  std::vector<int64_t> b{0};
+  if (list_sizes.empty()) {
+    b.push_back(n);
+    return b;
+  }
+  for (int64_t k : list_sizes) {
+    TORCH_CHECK(k >= 0, "nonfinite_: list_sizes must be >= 0");
+    b.push_back(b.back() + k);
+  }
+  TORCH_CHECK(b.back() == n, "nonfinite_: list_sizes sum to ", b.back(), " but there are ", n, " tensors");
+  return b;
 }
 
 inline void check_scalar(const c10::optional<at::Tensor>& t, const char* op, const char* name,

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -27,6 +28,8 @@ using cpu::Chunk;
 
 constexpr int64_t kChunk = 1 << 16;        // elements per work item
 constexpr int64_t kSerialBelow = 1 << 16;  // total elements under which threads do not pay
+constexpr int64_t kNtMinDefault = 1 << 23;  // elements per call from which NT stores pay: ~ the L3 (32 MiB of fp32)
+                                            // (measured in a perturb/nonfinite/combine chain: NT loses below)
 
 // LOOKAHEAD_EXT_CPU_ISA=base|avx2 forces a kernel set (tests run both); default: the best.
 const cpu::Kernels& kernels() {
@@ -41,17 +44,34 @@ const cpu::Kernels& kernels() {
 
 std::string cpu_isa() { return kernels().isa; }
 
+// Streaming stores (cpu_kernels.h) for calls that write at least this many elements:
+// below it the output stays cache-resident for the next op and plain stores win.
+// LOOKAHEAD_EXT_CPU_NT_MIN sets it at load time, torch.ops.lookahead_ext.set_cpu_nt_min
+// at run time (tests force 0 = always and a huge value = never).
+std::atomic<int64_t>& nt_min() {
+  static std::atomic<int64_t> v{[] {
+    const char* env = std::getenv("LOOKAHEAD_EXT_CPU_NT_MIN");
+    return env ? std::atoll(env) : kNtMinDefault;
+  }()};
+  return v;
+}
+
+int64_t set_cpu_nt_min(int64_t n) { return nt_min().exchange(n); }
+
 struct Table {
   std::vector<Chunk> chunks;
   int64_t total = 0;
   cpu::Work work(int64_t bytes_per_elem = 1) const {
     const int threads = total * bytes_per_elem < kSerialBelow * 4 ? 1 : at::get_num_threads();
-    return {chunks.data(), static_cast<int64_t>(chunks.size()), threads};
+    return {chunks.data(), static_cast<int64_t>(chunks.size()), threads, total >= nt_min().load()};
   }
 };
 
 Table make_table(const std::vector<int64_t>& numels) {
   Table t;
+  size_t n = 0;
+  for (int64_t x : numels) n += static_cast<size_t>((x + kChunk - 1) / kChunk);
+  t.chunks.reserve(n);
   for (size_t i = 0; i < numels.size(); ++i) {
     for (int64_t b = 0; b < numels[i]; b += kChunk) {
       t.chunks.push_back({static_cast<int64_t>(i), b, std::min(numels[i], b + kChunk)});
@@ -59,6 +79,25 @@ Table make_table(const std::vector<int64_t>& numels) {
     t.total += numels[i];
   }
   return t;
+}
+
+// The deterministic cleanup of a reduction with one partial per chunk: per-tensor sums in
+// chunk order (double), then totals in tensor order over [t0, t1).
+std::vector<double> tensor_sums(const Table& tab, const double* partial, int64_t n) {
+  std::vector<double> per(static_cast<size_t>(n), 0.0);
+  const int64_t C = static_cast<int64_t>(tab.chunks.size());
+  for (int64_t c = 0; c < C; ++c) per[tab.chunks[c].t] += partial[c];
+  return per;
+}
+
+double total(const std::vector<double>& per, int64_t t0, int64_t t1) {
+  double tot = 0.0;
+  for (int64_t t = t0; t < t1; ++t) tot += per[t];
+  return tot;
+}
+
+float read_scalar(const c10::optional<at::Tensor>& t, float dflt) {
+  return t ? *t->data_ptr<float>() : dflt;  // checked: one float32 element on the CPU
 }
 
 // The kernels declare their streams __restrict__: lists that are written must not share
@@ -137,14 +176,9 @@ at::Tensor multi_dot_cpu(at::TensorList tensors, int64_t n_lists, at::IntArrayRe
   auto sums = at::zeros({P}, at::TensorOptions().dtype(at::kFloat));
   float* po = out.data_ptr<float>();
   for (int64_t p = 0; p < P; ++p) {
-    std::vector<double> per(static_cast<size_t>(n), 0.0);
-    for (int64_t c = 0; c < C; ++c) per[tab.chunks[c].t] += partial[p * C + c];
-    double tot = 0.0;
-    for (int64_t t = 0; t < n; ++t) {
-      po[p * n + t] = static_cast<float>(per[t]);
-      tot += per[t];
-    }
-    sums.data_ptr<float>()[p] = static_cast<float>(tot);
+    const std::vector<double> per = tensor_sums(tab, partial.data() + p * C, n);
+    for (int64_t t = 0; t < n; ++t) po[p * n + t] = static_cast<float>(per[t]);
+    sums.data_ptr<float>()[p] = static_cast<float>(total(per, 0, n));
   }
   return per_tensor ? out : sums;
 }
@@ -161,7 +195,12 @@ void perturb_cpu(at::TensorList out, at::TensorList base, at::TensorList directi
   if (has_backup && !base.empty()) check_list(backup, "perturb_", "backup", cpu, numels, base[0].scalar_type());
   check_scalar(scale_t, "perturb_", "scale", cpu);
   if (out.empty()) return;
-  const float scale = static_cast<float>((scale_t ? scale_t->item<float>() : 1.0f) * scale_f);
+  for (size_t i = 0; i < out.size(); ++i) {  // out may be base itself (in place), never a part of it
+    if (out[i].numel() == 0 || out[i].data_ptr() != base[i].data_ptr()) continue;
+    TORCH_CHECK(out[i].scalar_type() == base[i].scalar_type(), "perturb_: out[", i,
+                "] is base[", i, "] but with another dtype");
+  }
+  const float scale = static_cast<float>(read_scalar(scale_t, 1.0f) * scale_f);
   const Table tab = make_table(numels);
   auto po = ptrs(out), pb = ptrs(base), pk = ptrs(backup);
   auto pd = ptrs<const void>(direction);
@@ -174,11 +213,12 @@ void perturb_cpu(at::TensorList out, at::TensorList base, at::TensorList directi
 // ------------------------------------------------------------------ combine_step_
 void combine_step_cpu(at::TensorList params, at::TensorList masters, at::TensorList g0, at::TensorList gp,
                       at::TensorList gm, at::ArrayRef<double> coefs, at::TensorList state1,
-                      at::TensorList state2, at::TensorList v, const c10::optional<at::Tensor>& v_coefs_t,
+                      at::TensorList state2, at::TensorList v, const OptTensors& v_coefs_t,
                       at::ArrayRef<double> v_coefs_f, int64_t kind, at::ArrayRef<double> hyper,
-                      at::IntArrayRef flags) {
+                      at::IntArrayRef flags, const c10::optional<at::Tensor>& v_sq_out, bool write_masters) {
   const at::Device cpu(at::kCPU);
   const char* op = "combine_step_";
+  check_combine_extras(op, params, masters, v, v_sq_out, write_masters, cpu);
   std::vector<int64_t> numels;
   check_list(params, op, "params", cpu, numels);
   check_list(masters, op, "masters", cpu, numels, at::kFloat);
@@ -206,7 +246,8 @@ void combine_step_cpu(at::TensorList params, at::TensorList masters, at::TensorL
   if (a.adam) a.adamw = make_adamw(hyper);
   else a.sgd = make_sgd(hyper, flags, !state1.empty());
   for (int i = 0; i < 4 && !v.empty(); ++i) {
-    a.vc[i] = v_coefs_t ? v_coefs_t->data_ptr<float>()[i] : static_cast<float>(v_coefs_f[i]);
+    const float* q = vcoef_ptr(v_coefs_t, static_cast<size_t>(i));
+    a.vc[i] = q ? *q : static_cast<float>(v_coefs_f[i]);
   }
   const Table tab = make_table(numels);
   auto pp = ptrs(params);
@@ -223,7 +264,18 @@ void combine_step_cpu(at::TensorList params, at::TensorList masters, at::TensorL
   a.v = v.empty() ? nullptr : pv.data();
   a.tp = code(params[0].scalar_type());
   a.tg = code(gdt);
+  a.write_masters = write_masters;
+  std::vector<double> vsq;
+  if (v_sq_out) {
+    vsq.assign(tab.chunks.size(), 0.0);
+    a.vsq_slot = vsq.data();
+  }
   kernels().combine(a);
+  if (v_sq_out) {  // the cleanup of multi_dot: bitwise its result on the stored v
+    const auto per = tensor_sums(tab, vsq.data(), static_cast<int64_t>(params.size()));
+    float* o = v_sq_out->data_ptr<float>();
+    *o = *o + static_cast<float>(total(per, 0, static_cast<int64_t>(params.size())));
+  }
 }
 
 // ------------------------------------------------------------------ lookahead_sync_
@@ -245,10 +297,13 @@ void lookahead_sync_cpu(at::TensorList slow, at::TensorList fast, double alpha, 
 }
 
 // ------------------------------------------------------------------ nonfinite_
-at::Tensor nonfinite_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& inv_scale) {
+at::Tensor nonfinite_cpu(at::TensorList tensors, const c10::optional<at::Tensor>& inv_scale,
+                         at::IntArrayRef list_sizes, bool sq_norms) {
   const at::Device cpu(at::kCPU);
   std::vector<int64_t> numels;
   std::vector<int> types;
+  numels.reserve(tensors.size());
+  types.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {  // dtypes may differ between tensors
     std::vector<int64_t> one;
     check_list(tensors.slice(i, 1), "nonfinite_", "tensors", cpu, one);
@@ -256,15 +311,24 @@ at::Tensor nonfinite_cpu(at::TensorList tensors, const c10::optional<at::Tensor>
     types.push_back(code(tensors[i].scalar_type()));
   }
   check_scalar(inv_scale, "nonfinite_", "inv_scale", cpu);
+  const auto bounds = list_bounds(list_sizes, static_cast<int64_t>(tensors.size()));
   const Table tab = make_table(numels);
   std::vector<uint8_t> bad(tab.chunks.size(), 0);  // one flag per chunk: no shared writes
+  std::vector<double> sq(sq_norms ? tab.chunks.size() : 0, 0.0);
   auto px = ptrs(tensors);
-  cpu::NonfiniteArgs a{tab.work(4), px.data(), types.data(), bad.data(), inv_scale.has_value(),
-                       inv_scale ? inv_scale->item<float>() : 1.0f};
+  cpu::NonfiniteArgs a{tab.work(4), px.data(), types.data(), bad.data(), sq_norms ? sq.data() : nullptr,
+                       inv_scale.has_value(), read_scalar(inv_scale, 1.0f)};
   kernels().nonfinite(a);
   float any = 0.0f;
   for (auto b : bad) any = b ? 1.0f : any;
-  return at::full({}, any, at::TensorOptions().dtype(at::kFloat));
+  if (!sq_norms) return at::full({}, any, at::TensorOptions().dtype(at::kFloat));
+  const int64_t L = static_cast<int64_t>(bounds.size()) - 1;
+  auto out = at::empty({1 + L}, at::TensorOptions().dtype(at::kFloat));
+  float* po = out.data_ptr<float>();
+  po[0] = any;
+  const auto per = tensor_sums(tab, sq.data(), static_cast<int64_t>(tensors.size()));
+  for (int64_t l = 0; l < L; ++l) po[1 + l] = static_cast<float>(total(per, bounds[l], bounds[l + 1]));
+  return out;
 }
 
 }  // namespace
@@ -272,6 +336,8 @@ at::Tensor nonfinite_cpu(at::TensorList tensors, const c10::optional<at::Tensor>
 
 TORCH_LIBRARY_FRAGMENT(lookahead_ext, m) {
   m.def("cpu_isa() -> str", &la::cpu_isa);  // which CPU kernel set runs: "avx2" or "base"
+  // elements per call from which write-only outputs use streaming stores; returns the old value
+  m.def("set_cpu_nt_min(int n) -> int", &la::set_cpu_nt_min);
 }
 
 TORCH_LIBRARY_IMPL(lookahead_ext, CPU, m) {

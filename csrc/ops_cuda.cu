@@ -1,5 +1,8 @@
 // CUDA kernels of the five ops (schemas in schemas.cpp, element-wise math in la_math.h,
-// shared with the CPU kernels). Every op is one multi-tensor launch per up to
+// shared with the CPU kernels). The fused reductions of the CPU backend are emulated here
+// with the multi_dot kernels (correct and deterministic, one extra read pass, no host
+// sync): combine_step_'s v_sq_out (multi_dot on the updated v, added on the device) and
+// nonfinite_'s sq_norms (multi_dot per list after the check). Every op is one multi-tensor launch per up to
 // kMaxBlocks chunks (multi_tensor.cuh); reductions write one float partial per chunk
 // (fixed slots, no float atomics) and two cleanup kernels sum them in a fixed order, so
 // results are bitwise reproducible run to run. Device scalars (perturb scale, v
@@ -228,8 +231,9 @@ struct CombineScalars {
   Sgd sgd;
   AdamW adamw;
   float vc_f[4];
-  const float* vc_t;  // device [4] or nullptr
+  const float* vc_t[4];  // device scalars (nullptr: the host float vc_f)
   bool r0, rp, rm, has_s1, has_v;
+  bool write_w;  // false: masters are only read (write_masters=false), the new w goes to params
 };
 
 template <class P, class G, bool ADAM>
@@ -261,7 +265,7 @@ struct CombineBody {
       if (c.has_v) vv[j] = momentum_v(c.k, vv[j], f0[j], fp[j], fm[j], vc[0], vc[1], vc[2], vc[3]);
       wv[j] = ADAM ? adamw(c.adamw, wv[j], d, &b1[j], &b2[j]) : sgd(c.sgd, wv[j], d, &b1[j]);
     }
-    store<VEC>(w, i, len, wv);
+    if (c.write_w) store<VEC>(w, i, len, wv);
     store<VEC>(p, i, len, wv);
     if (c.has_s1) store<VEC>(s1, i, len, b1);
     if (ADAM) store<VEC>(s2, i, len, b2);
@@ -284,7 +288,7 @@ struct CombineFn {
     b.s2 = ADAM ? at_chunk<float>(tab, 6, l) : nullptr;
     b.v = cs.has_v ? at_chunk<float>(tab, 7, l) : nullptr;
     b.c = cs;
-    for (int j = 0; j < 4; ++j) b.vc[j] = cs.vc_t ? cs.vc_t[j] : cs.vc_f[j];
+    for (int j = 0; j < 4; ++j) b.vc[j] = cs.vc_t[j] ? *cs.vc_t[j] : cs.vc_f[j];
     b.len = l.len;
     for_ilp(l.len, all_aligned(b.p, b.w, b.g0, b.gp, b.gm, b.s1, b.s2, b.v), b);
   }
@@ -292,13 +296,14 @@ struct CombineFn {
 
 void combine_step_cuda(at::TensorList params, at::TensorList masters, at::TensorList g0, at::TensorList gp,
                        at::TensorList gm, at::ArrayRef<double> coefs, at::TensorList state1,
-                       at::TensorList state2, at::TensorList v, const c10::optional<at::Tensor>& v_coefs_t,
+                       at::TensorList state2, at::TensorList v, const OptTensors& v_coefs_t,
                        at::ArrayRef<double> v_coefs_f, int64_t kind, at::ArrayRef<double> hyper,
-                       at::IntArrayRef flags) {
+                       at::IntArrayRef flags, const c10::optional<at::Tensor>& v_sq_out, bool write_masters) {
   const char* op = "combine_step_";
   if (params.empty()) return;
   const at::Device dev = params[0].device();
   c10::cuda::CUDAGuard guard(dev);
+  check_combine_extras(op, params, masters, v, v_sq_out, write_masters, dev);
   std::vector<int64_t> numels;
   check_list(params, op, "params", dev, numels);
   check_list(masters, op, "masters", dev, numels, at::kFloat);
@@ -328,8 +333,11 @@ void combine_step_cuda(at::TensorList params, at::TensorList masters, at::Tensor
   cs.rm = cs.k.um || cs.k.wm;
   cs.has_s1 = adam || cs.sgd.use_momentum;
   cs.has_v = !v.empty();
-  cs.vc_t = (cs.has_v && v_coefs_t) ? v_coefs_t->data_ptr<float>() : nullptr;
-  for (int i = 0; i < 4; ++i) cs.vc_f[i] = (cs.has_v && !v_coefs_t) ? static_cast<float>(v_coefs_f[i]) : 0.0f;
+  cs.write_w = write_masters;
+  for (int i = 0; i < 4; ++i) {
+    cs.vc_t[i] = cs.has_v ? vcoef_ptr(v_coefs_t, static_cast<size_t>(i)) : nullptr;
+    cs.vc_f[i] = cs.has_v ? static_cast<float>(v_coefs_f[i]) : 0.0f;
+  }
   auto opt = [](at::TensorList l) { return l.empty() ? std::vector<void*>() : ptrs<void>(l); };
   std::vector<std::vector<void*>> lists = {ptrs<void>(params), ptrs<void>(masters), opt(g0), opt(gp), opt(gm),
                                            cs.has_s1 ? opt(state1) : std::vector<void*>(),
@@ -345,6 +353,10 @@ void combine_step_cuda(at::TensorList params, at::TensorList masters, at::Tensor
     if (gdt == at::kFloat) run(float{});
     else run(P{});
   });
+  if (v_sq_out && !v.empty()) {  // sum v_new^2: multi_dot's kernels on the stored v, added on device
+    const std::vector<int64_t> pair = {0, 0};
+    v_sq_out->add_(multi_dot_cuda(v, 1, pair, false).reshape(v_sq_out->sizes()));
+  }
 }
 
 // ------------------------------------------------------------------ lookahead_sync_
@@ -433,7 +445,8 @@ struct NonfiniteFn {
   }
 };
 
-at::Tensor nonfinite_cuda(at::TensorList tensors, const c10::optional<at::Tensor>& inv_scale) {
+at::Tensor nonfinite_cuda(at::TensorList tensors, const c10::optional<at::Tensor>& inv_scale,
+                          at::IntArrayRef list_sizes, bool sq_norms) {
   TORCH_CHECK(!tensors.empty(), "nonfinite_: no tensors");
   const at::Device dev = tensors[0].device();
   c10::cuda::CUDAGuard guard(dev);
@@ -456,7 +469,26 @@ at::Tensor nonfinite_cuda(at::TensorList tensors, const c10::optional<at::Tensor
                             stream);
     });
   }
-  return flag;
+  if (!sq_norms) return flag;
+  // the squared norm of each list, of the stored (unscaled) values: multi_dot per list (per
+  // tensor, summed in order, where a list mixes dtypes)
+  const auto bounds = list_bounds(list_sizes, static_cast<int64_t>(tensors.size()));
+  const int64_t L = static_cast<int64_t>(bounds.size()) - 1;
+  auto out = at::zeros({1 + L}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  out.narrow(0, 0, 1).copy_(flag.reshape({1}));
+  const std::vector<int64_t> pair = {0, 0};
+  for (int64_t l = 0; l < L; ++l) {
+    at::TensorList lst = tensors.slice(bounds[l], bounds[l + 1] - bounds[l]);
+    if (lst.empty()) continue;
+    bool uniform = true;
+    for (const auto& t : lst) uniform = uniform && t.scalar_type() == lst[0].scalar_type();
+    if (uniform) {
+      out.narrow(0, 1 + l, 1).copy_(multi_dot_cuda(lst, 1, pair, false));
+    } else {
+      for (size_t i = 0; i < lst.size(); ++i) out.narrow(0, 1 + l, 1).add_(multi_dot_cuda(lst.slice(i, 1), 1, pair, false));
+    }
+  }
+  return out;
 }
 
 }  // namespace

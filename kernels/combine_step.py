@@ -9,6 +9,10 @@ the momentum-v update and the parameter write, in one pass over memory.
 All hyperparameters are runtime arguments (a new lr never recompiles); only the
 structure (which lists are present, SGD/AdamW, momentum/nesterov/first step, dtypes) is
 constexpr. The order of the floating-point operations mirrors reference.py.
+
+write_masters=False (constexpr WRITE_W): the new w is stored to params only, the masters
+are only read. v_sq_out (+= sum v_new^2) is emulated: one multi_dot pass over the updated
+v after the step (deterministic, per-program partials + a fixed-order sum; not fused).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def _combine_kernel(
         BV_PTR: tl.constexpr, A0_PTR: tl.constexpr, AP_PTR: tl.constexpr, AM_PTR: tl.constexpr,
         VB: tl.constexpr,
         ADAM: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
-        NESTEROV: tl.constexpr, FIRST: tl.constexpr,
+        NESTEROV: tl.constexpr, FIRST: tl.constexpr, WRITE_W: tl.constexpr,
         FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -167,7 +171,8 @@ def _combine_kernel(
                 else:
                     d = buf
             w = w + (-lr) * d
-        tl.store(w_ptr + offs, w, mask=m)
+        if WRITE_W:
+            tl.store(w_ptr + offs, w, mask=m)
         tl.store(p_ptr + offs, w.to(P_DT), mask=m)
 
 
@@ -175,7 +180,10 @@ def _present(coef, lst) -> bool:
     return lst is not None and (isinstance(coef, torch.Tensor) or float(coef) != 0.0)
 
 
-def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None) -> None:
+def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
+                  v_sq_out=None, write_masters=True) -> None:
+    from lookahead_ext.ops.reference import check_combine_extras
+    check_combine_extras(params, masters, v, v_sq_out, write_masters)
     if not params:
         return
     g0, gp, gm = (None if g is None else list(g) for g in grads)
@@ -195,8 +203,10 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
     flags = dict(D0=_present(c0, g0), DP=_present(cp, gp), DM=_present(cm, gm),
                  HAS_V=has_v, VB=has_v and _present(bv, v), V0=has_v and _present(a0, g0),
                  VP=has_v and _present(ap, gp), VM=has_v and _present(am, gm))
+    # params that are their own masters: storing params is storing the masters
+    write_w = bool(write_masters) or all(a is b for a, b in zip(params, masters))
     prep = _mta.Prepared([params, masters, g0, gp, gm, v if has_v else None, s1, s2],
-                         writes=(_P, _W, _V, _S1, _S2))
+                         writes=(_P, _W, _V, _S1, _S2) if write_w else (_P, _V, _S1, _S2))
     p = _mta.plan(prep.slots, prep.device)
     dev = prep.device
     sargs = [_mta.scalar_arg(x, dev, p.seg) for x in (bv, a0, ap, am)]
@@ -219,6 +229,9 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
                 GP_DT=_mta.tl_dtype(g.dtypes[_GP]), GM_DT=_mta.tl_dtype(g.dtypes[_GM]),
                 BV_PTR=sargs[0][2], A0_PTR=sargs[1][2], AP_PTR=sargs[2][2], AM_PTR=sargs[3][2],
                 ADAM=adam, HAS_WD=wd != 0.0, MOMENTUM=base.uses_momentum,
-                NESTEROV=bool(base.nesterov), FIRST=bool(base.first),
+                NESTEROV=bool(base.nesterov), FIRST=bool(base.first), WRITE_W=write_w,
                 FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion, **flags)
     prep.finish()
+    if v_sq_out is not None:
+        from .multi_dot import multi_dot
+        v_sq_out.add_(multi_dot([v], [(0, 0)]).reshape(v_sq_out.shape))

@@ -2,6 +2,9 @@
 (t <- cast(t * inv_scale), the check on the stored, unscaled values), like
 torch._amp_foreach_non_finite_check_and_unscale_. Returns a 0-d float32 flag (1.0 if any
 element is not finite). Per-program flags + a second pass: no atomics, no host sync.
+
+sq_norms=True (emulated, not fused): after the check, one multi_dot pass per list over the
+stored values gives each list's squared norm; returns [flag, norm_0, ...] (float32).
 """
 from __future__ import annotations
 
@@ -47,7 +50,19 @@ def _nonfinite_kernel(table, work, flags, inv_ptr, X_DT: tl.constexpr, UNSCALE: 
     tl.store(flags + col, tl.max(bad, axis=0))
 
 
-def nonfinite_(lists, inv_scale=None) -> torch.Tensor:
+def nonfinite_(lists, inv_scale=None, sq_norms=False) -> torch.Tensor:
+    flag = _nonfinite_flag(lists, inv_scale)
+    if not sq_norms:
+        return flag
+    from .multi_dot import multi_dot
+    parts = [flag.reshape(1)]
+    for lst in lists:
+        parts.append(multi_dot([lst], [(0, 0)]) if len(lst) else
+                     torch.zeros(1, dtype=torch.float32, device=flag.device))
+    return torch.cat(parts)
+
+
+def _nonfinite_flag(lists, inv_scale=None) -> torch.Tensor:
     flat = [t for lst in lists for t in lst]
     device = flat[0].device if flat else torch.device("cpu")
     out = torch.zeros((), dtype=torch.float32, device=device)

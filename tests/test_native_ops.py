@@ -360,3 +360,262 @@ def test_combine_params_may_be_their_own_masters(base):
         outs[name] = p
     for a, b in zip(outs["ref"], outs["cpp"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- fused reductions
+def _lists_for_norms(n, dtype, device):
+    """Two lists as the engine passes probe gradients: one in the param dtype, one mixing it
+    with float32 (nonfinite_ takes per-tensor dtypes)."""
+    xs = rand(n, dtype, device, 7)
+    ys = rand(n, torch.float32, device, 8)
+    mixed = [y if i % 2 else x for i, (x, y) in enumerate(zip(xs, ys))]
+    return [xs, mixed]
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("sizes", SIZE_IDS)
+@pytest.mark.parametrize("unscale", [False, True], ids=["check", "unscale"])
+def test_nonfinite_sq_norms(device, backend, dtype, sizes, unscale):
+    n = SIZES[sizes]
+    lists = _lists_for_norms(n, dtype, device)
+    a, b = [clone(lst) for lst in lists], [clone(lst) for lst in lists]
+    inv = torch.tensor(0.5, device=device) if unscale else None
+    got = native.nonfinite_(a, inv, sq_norms=True)
+    want = reference.nonfinite_(b, inv, sq_norms=True)
+    assert got.shape == (3,) and got.dtype == torch.float32 and got.device.type == device
+    assert got[0].item() == want[0].item() == 0.0
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=2e-5, atol=1e-4)
+    for x, y in zip(a, b):
+        assert_lists_close(x, y, rtol=0, atol=0)  # the unscaled values themselves
+    if device == "cpu" and sum(n):  # the norms are multi_dot's, bitwise (same lanes, partials)
+        for i, lst in enumerate(a):
+            if len({t.dtype for t in lst}) == 1:
+                assert torch.equal(got[1 + i], native.multi_dot([lst], [(0, 0)])[0])
+    # back compat: without sq_norms the 0-d flag
+    assert native.nonfinite_(a).shape == ()
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nonfinite_sq_norms_flags_bad_values(device, backend, bad):
+    xs = rand([70001, 5, 3], torch.float32, device, 9)
+    xs[0][65536 + 17] = float(bad)  # in the second chunk of the first tensor
+    got = native.nonfinite_([xs[:1], xs[1:]], sq_norms=True)
+    want = reference.nonfinite_([xs[:1], xs[1:]], sq_norms=True)
+    assert got[0].item() == want[0].item() == 1.0
+    assert not torch.isfinite(got[1]) and torch.isfinite(got[2])
+    torch.testing.assert_close(got[2:].cpu(), want[2:].cpu(), rtol=2e-5, atol=1e-4)
+
+
+@needs_cpp
+def test_nonfinite_sq_norms_empty_and_hand_checked():
+    assert native.nonfinite_([[], []], sq_norms=True).tolist() == [0.0, 0.0, 0.0]
+    a = [torch.tensor([1.0, 2.0]), torch.tensor([], dtype=torch.float32)]
+    b = [torch.tensor([3.0], dtype=torch.bfloat16)]
+    assert native.nonfinite_([a, b, []], sq_norms=True).tolist() == [0.0, 5.0, 9.0, 0.0]
+    assert reference.nonfinite_([a, b, []], sq_norms=True).tolist() == [0.0, 5.0, 9.0, 0.0]
+    assert native.nonfinite_([a, b], torch.tensor(2.0), sq_norms=True).tolist() == [0.0, 20.0, 36.0]
+
+
+def _combine_vsq_case(n, dtype, device, scheme, base):
+    params, masters, grads, coefs, state, v, vc = _combine_case(n, dtype, device, scheme, base)
+    return params, masters, grads, coefs, state, v, vc
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("sizes", SIZE_IDS)
+@pytest.mark.parametrize("case", [("central", "sgd_mom"), ("forward", "adamw"), ("float_vcoefs", "sgd_nesterov")],
+                         ids=lambda c: "-".join(c))
+def test_combine_v_sq_out(device, backend, dtype, sizes, case):
+    scheme, base = case[0], BASES[case[1]]
+    params, masters, grads, coefs, state, v, vc = _combine_case(SIZES[sizes], dtype, device, scheme, base)
+    runs = {}
+    for name, mod in (("cpp", native), ("ref", reference)):
+        p, m, s, vv = clone(params), clone(masters), {k: clone(x) for k, x in state.items()}, clone(v)
+        acc = torch.zeros(1, device=device)
+        mod.combine_step_(p, m, grads, coefs, base, s, vv, vc, v_sq_out=acc)
+        runs[name] = (p, m, vv, acc)
+    (pa, ma, va, acc_a), (pb, mb, vb, acc_b) = runs["cpp"], runs["ref"]
+    assert_lists_close(va, vb, **STATE_TOL)
+    assert_lists_close(pa, pb, **PARAM_TOL[dtype])
+    torch.testing.assert_close(acc_a.cpu(), acc_b.cpu(), rtol=2e-5, atol=1e-4)
+    if device == "cpu":  # bitwise multi_dot([v], [(0, 0)]) of the stored v
+        assert torch.equal(acc_a, native.multi_dot([va], [(0, 0)]))
+    # it adds: a second call on top of a non-zero accumulator
+    p, m, s, vv = clone(params), clone(masters), {k: clone(x) for k, x in state.items()}, clone(v)
+    acc = torch.full((1,), 1.5, device=device)
+    native.combine_step_(p, m, grads, coefs, base, s, vv, vc, v_sq_out=acc)
+    assert acc.item() == pytest.approx(1.5 + acc_a.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+@pytest.mark.parametrize("sizes", SIZE_IDS)
+@pytest.mark.parametrize("base", ["sgd_mom", "adamw"])
+@pytest.mark.parametrize("with_vsq", [False, True], ids=["plain", "v_sq_out"])
+def test_combine_write_masters_false(device, backend, sizes, base, with_vsq):
+    """fp32 params distinct from their (scratch) masters: w_new goes to params only."""
+    base = BASES[base]
+    params, masters, grads, coefs, state, v, vc = _combine_case(SIZES[sizes], torch.float32, device, "central", base)
+    params = [torch.full_like(t, float("nan")) for t in params]  # every element must be written
+    runs = {}
+    for name, mod, wm in (("cpp", native, False), ("ref", reference, False), ("cpp_wm", native, True)):
+        p, m, s, vv = clone(params), clone(masters), {k: clone(x) for k, x in state.items()}, clone(v)
+        acc = torch.zeros(1, device=device) if with_vsq else None
+        mod.combine_step_(p, m, grads, coefs, base, s, vv, vc, v_sq_out=acc, write_masters=wm)
+        runs[name] = (p, m, s, vv, acc)
+    pa, ma, sa, va, acc_a = runs["cpp"]
+    pb, mb, sb, vb, acc_b = runs["ref"]
+    assert_lists_close(ma, masters, rtol=0, atol=0)  # masters only read
+    assert_lists_close(mb, masters, rtol=0, atol=0)
+    assert_lists_close(pa, pb, **STATE_TOL)
+    for k in state:
+        assert_lists_close(sa[k], sb[k], **STATE_TOL)
+    assert_lists_close(va, vb, **STATE_TOL)
+    if with_vsq:
+        torch.testing.assert_close(acc_a.cpu(), acc_b.cpu(), rtol=2e-5, atol=1e-4)
+    if device == "cpu":  # the same w_new as write_masters=True stores into the masters
+        assert_lists_close(pa, runs["cpp_wm"][1], rtol=0, atol=0)
+        assert_lists_close(pa, runs["cpp_wm"][0], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not CPP_OK, reason="C++ extension not built")
+def test_combine_write_masters_false_params_are_masters():
+    """params that are their own masters are still updated with write_masters=False."""
+    outs = {}
+    for name, mod in (("ref", reference), ("cpp", native)):
+        torch.manual_seed(2)
+        p = [torch.randn(4099), torch.randn(5)]
+        g = [torch.randn_like(t) for t in p]
+        v = [torch.randn_like(t) for t in p]
+        acc = torch.zeros(1)
+        mod.combine_step_(p, p, (None, g, None), (0.0, 1.0, 0.0), BaseStep(lr=0.1), {}, v, (0.5, 0.0, 0.1, 0.0),
+                          v_sq_out=acc, write_masters=False)
+        outs[name] = (p, acc)
+    for a, b in zip(outs["ref"][0], outs["cpp"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs["ref"][1], outs["cpp"][1], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+@pytest.mark.parametrize("mod", ["native", "reference"])
+def test_combine_new_keyword_errors(device, backend, mod):
+    mod = native if mod == "native" else reference
+    params, masters, grads, coefs, state, v, vc = _combine_case([5, 3], torch.float32, device, "central",
+                                                               BASES["sgd_mom"])
+    call = lambda **kw: mod.combine_step_(clone(params), clone(masters), grads, coefs, BASES["sgd_mom"],  # noqa: E731
+                                          {k: clone(x) for k, x in state.items()}, kw.pop("v", clone(v)), vc, **kw)
+    with pytest.raises(ValueError, match="needs v"):
+        mod.combine_step_(clone(params), clone(masters), grads, coefs, BASES["sgd_mom"],
+                          {k: clone(x) for k, x in state.items()}, v_sq_out=torch.zeros(1, device=device))
+    with pytest.raises(ValueError, match="float32 tensor with one element"):
+        call(v_sq_out=torch.zeros(1, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="float32 tensor with one element"):
+        call(v_sq_out=torch.zeros(2, device=device))
+    with pytest.raises(ValueError, match="is on meta"):
+        call(v_sq_out=torch.zeros(1, device="meta"))
+    bf = [t.bfloat16() for t in params]
+    with pytest.raises(ValueError, match="write_masters=False"):
+        mod.combine_step_(bf, clone(masters), grads, coefs, BASES["sgd_mom"],
+                          {k: clone(x) for k, x in state.items()}, clone(v), vc, write_masters=False)
+
+
+@needs_cpp
+def test_raw_combine_rejects_bad_new_arguments():
+    p, m, g, v, b = ([torch.randn(6)] for _ in range(5))
+    op = torch.ops.lookahead_ext.combine_step_
+    args = (p, m, [], g, [], [0.0, 1.0, 0.0], b, [], v, [], [0.5, 0.0, 0.1, 0.0], 0, [0.1, 0.0, 0.9, 0.0],
+            [0, 0, 0, 1, 0])
+    with pytest.raises(RuntimeError, match="v_sq_out must be a float32"):
+        op(*args, torch.zeros(1, dtype=torch.float64), True)
+    with pytest.raises(RuntimeError, match="v_sq_out needs v"):
+        op(*args[:8], [], *args[9:], torch.zeros(1), True)
+    with pytest.raises(RuntimeError, match="write_masters=False"):
+        op([p[0].half()], *args[1:], None, False)
+    with pytest.raises(RuntimeError, match="v_coefs tensors must be float32"):
+        op(*args[:9], [torch.zeros(2), None, None, None], *args[10:])
+    with pytest.raises(RuntimeError, match="list_sizes sum"):
+        torch.ops.lookahead_ext.nonfinite_([torch.zeros(3)], None, [2], True)
+
+
+# ----------------------------------------------------------------------------- streaming stores
+@pytest.fixture
+def nt_modes():
+    """Run a body with streaming stores forced on and off (the per-call threshold)."""
+    if not CPP_OK:
+        pytest.skip("C++ extension not built")
+    set_min = torch.ops.lookahead_ext.set_cpu_nt_min
+    old = set_min(0)
+    set_min(old)
+
+    def run(body):
+        outs = []
+        for nt in (0, 1 << 62):  # always / never
+            set_min(nt)
+            try:
+                outs.append(body())
+            finally:
+                set_min(old)
+        return outs
+    return run
+
+
+def _misaligned(n, dtype, seed):
+    """Contiguous tensors at odd element offsets (unaligned heads and tails for NT stores)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, k in enumerate(n):
+        buf = torch.randn(k + 3, generator=g).to(dtype)
+        out.append(buf[i % 3:i % 3 + k])
+    return out
+
+
+NT_SIZES = [1, 7, 4099, 70001, 0, 65536 * 2 + 5]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_nt_stores_bitwise_equal_regular(nt_modes, dtype):
+    n = NT_SIZES
+    w, d, slow = rand(n, torch.float32, "cpu", 1), rand(n, dtype, "cpu", 2), rand(n, torch.float32, "cpu", 3)
+    q0 = _misaligned(n, dtype, 4)
+    base = BASES["sgd_mom"]
+    params, masters, grads, coefs, state, v, vc = _combine_case(n, dtype, "cpu", "central", base)
+
+    def body():
+        res = {}
+        out = clone(q0)
+        native.perturb_(out, w, d, torch.tensor(0.3))  # out is written only: streamed
+        res["perturb"] = out
+        inp, bk = clone(q0), [torch.empty_like(t) for t in q0]
+        native.perturb_(inp, inp, d, -0.7, backup=bk)  # in place; the backup is streamed
+        res["perturb_inplace"], res["backup"] = inp, bk
+        s, f, q = clone(slow), clone(w), clone(q0)
+        native.lookahead_sync_(s, f, 0.6, q)
+        res["sync"] = s + f + q
+        for wm in (True, False):
+            p = clone(params) if wm else [t.float().clone() for t in params]
+            m, st, vv, acc = clone(masters), {k: clone(x) for k, x in state.items()}, clone(v), torch.zeros(1)
+            native.combine_step_(p, m, grads, coefs, base, st, vv, vc, v_sq_out=acc, write_masters=wm)
+            res[f"combine{wm}"] = p + m + vv + st["momentum_buffer"] + [acc]
+        return res
+
+    nt, regular = nt_modes(body)
+    for k in nt:
+        assert len(nt[k]) == len(regular[k])
+        for a, b in zip(nt[k], regular[k]):
+            assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()), k
+
+
+# ----------------------------------------------------------------------------- dispatch cache
+@needs_cpp
+def test_dispatch_cache_follows_module_table(monkeypatch):
+    x = [torch.ones(3)]
+    assert ops.sq_norm(x, backend="cpp").item() == 3.0  # cached: cpp -> native
+    monkeypatch.setitem(ops._MODULES, "cpp", "lookahead_ext.ops._no_such_native")
+    with pytest.raises(ops.BackendUnavailable, match="cpp"):
+        ops.sq_norm(x, backend="cpp")
+    monkeypatch.undo()
+    assert ops.sq_norm(x, backend="cpp").item() == 3.0
+    ops.clear_dispatch_cache()
+    assert ops._impl("auto", x[0]) is native

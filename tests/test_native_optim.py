@@ -151,11 +151,16 @@ def _opcheck_cases(device):
         (ops.multi_dot.default, (W + G1, 2, [1, 1], True)),
         (ops.perturb_.default, (P, W, V, torch.tensor(0.3, device=device), -1.0, [])),
         (ops.combine_step_.default, (P, W, [], [g.bfloat16() for g in G1], [g.bfloat16() for g in G2],
-                                     [0.0, 1.5, -0.5], B1, [], V, torch.rand(4, device=device), [0.0] * 4,
+                                     [0.0, 1.5, -0.5], B1, [], V, [torch.rand((), device=device), None, torch.rand((), device=device), torch.rand((), device=device)], [0.0, 0.25, 0.0, 0.0],
                                      0, [0.1, 0.0, 0.9, 0.0], [1, 0, 0, 1, 1])),
         (ops.lookahead_sync_.default, (S, W, 0.5, P)),
         (ops.nonfinite_.default, (G1, torch.tensor(0.5, device=device))),
         (ops.nonfinite_.default, (G2, None)),
+        (ops.nonfinite_.default, (G1 + G2, torch.tensor(0.5, device=device), [2, 4], True)),
+        (ops.nonfinite_.default, (P, None, [], True)),
+        (ops.combine_step_.default, (S, W, [], G1, G2, [0.0, 1.5, -0.5], B1, [], V,
+                                     [torch.rand((), device=device) for _ in range(4)], [0.0] * 4, 0,
+                                     [0.1, 0.0, 0.9, 0.0], [0, 0, 0, 1, 1], torch.zeros(1, device=device), False)),
     ]
 
 

@@ -402,3 +402,67 @@ def test_misaligned_views_are_handled():
     from lookahead_ext.kernels import _mta
     p = _mta.plan([out_t, base, d, None], DEVICE)
     assert sorted(g.aligned for g in p.groups) == [False, True]
+
+
+# ----------------------------------------------------------------------------- new keywords
+@pytest.mark.parametrize("unscale", [False, True], ids=["check", "unscale"])
+@pytest.mark.parametrize("size", ["empty", "one", "odd", "prime", "many", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_nonfinite_sq_norms(dtype, size, unscale):
+    sizes = SIZES[size]
+    a, b = randn(sizes, dtype, seed=1), randn(sizes, torch.float32, seed=2)
+    inv = torch.tensor(0.5, device=DEVICE) if unscale else None
+    la, lr = [clone(a), clone(b)], [clone(a), clone(b)]
+    got = T().nonfinite_(la, inv, sq_norms=True)
+    want = R.nonfinite_(lr, inv, sq_norms=True)
+    assert got.shape == (3,) and got.dtype == torch.float32
+    assert float(got[0]) == float(want[0]) == 0.0
+    assert_close(got, want, "norms", rtol=2e-5, atol=1e-5)
+    assert T().nonfinite_(la).shape == ()  # back compat
+    if sum(sizes):
+        a[-1][-1] = float("nan") if a[-1].numel() else 0.0
+        if a[-1].numel():
+            assert float(T().nonfinite_([a, b], sq_norms=True)[0]) == 1.0
+
+
+@pytest.mark.parametrize("with_vsq", [False, True], ids=["plain", "v_sq_out"])
+@pytest.mark.parametrize("write_masters", [True, False], ids=["wm", "no_wm"])
+@pytest.mark.parametrize("size", ["one", "prime", "many", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_combine_step_new_keywords(dtype, size, write_masters, with_vsq):
+    if not write_masters and dtype != torch.float32:
+        pytest.skip("write_masters=False takes params of the masters' dtype")
+    sizes = SIZES[size]
+    base = BASES_["sgd_mom_damp"]
+    masters, grads, coefs, state, v, v_coefs = _combine_inputs(sizes, dtype, base, "central_v")
+    outs = {}
+    for name, mod in (("t", T()), ("r", R)):
+        p, m, s, vv = poison(sizes, dtype), clone(masters), {k: clone(x) for k, x in state.items()}, clone(v)
+        acc = torch.zeros(1, device=DEVICE) if with_vsq else None
+        mod.combine_step_(p, m, grads, coefs, base, s, vv, v_coefs, v_sq_out=acc, write_masters=write_masters)
+        outs[name] = (p, m, s, vv, acc)
+    (pt, mt, st, vt, at), (pr, mr, sr, vr, ar) = outs["t"], outs["r"]
+    assert_lists_close(pt, pr, "params")
+    assert_lists_close(mt, mr, "masters")
+    assert_lists_close(vt, vr, "v")
+    for k in state:
+        assert_lists_close(st[k], sr[k], k)
+    if not write_masters:
+        assert all(torch.equal(a, b) for a, b in zip(mt, masters)), "masters must only be read"
+    if with_vsq:
+        assert_close(at, ar, "v_sq_out", rtol=2e-5, atol=1e-5)
+        assert_close(at, T().multi_dot([vt], [(0, 0)]), "v_sq_out vs multi_dot", rtol=0, atol=0)
+
+
+def test_combine_step_new_keyword_errors():
+    base = BASES_["sgd"]
+    masters, grads, coefs, state, v, v_coefs = _combine_inputs([5], torch.float32, base, "central_v")
+    with pytest.raises(ValueError, match="needs v"):
+        T().combine_step_(poison([5], torch.float32), masters, grads, coefs, base, state,
+                          v_sq_out=torch.zeros(1, device=DEVICE))
+    with pytest.raises(ValueError, match="one element"):
+        T().combine_step_(poison([5], torch.float32), masters, grads, coefs, base, state, v, v_coefs,
+                          v_sq_out=torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="write_masters=False"):
+        T().combine_step_(poison([5], torch.bfloat16), masters, grads, coefs, base, state, v, v_coefs,
+                          write_masters=False)

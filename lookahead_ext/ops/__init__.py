@@ -6,10 +6,16 @@ the same signatures and is tested against the reference):
 - ``multi_dot(lists, pairs, per_tensor=False)``: global dot products / squared norms over
   tensor lists (deterministic).
 - ``perturb_(out, base, direction, scale, backup=None)``: the probe write w + scale*v.
-- ``combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None)``:
-  d = sum c_i g_i, the base optimizer step (SGD/AdamW) and the momentum-v update, one pass.
+- ``combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
+  v_sq_out=None, write_masters=True)``: d = sum c_i g_i, the base optimizer step (SGD/AdamW)
+  and the momentum-v update, one pass. ``v_sq_out`` (float32 [1], with v): += sum v_new^2
+  (multi_dot's deterministic summation; the next step's ||v|| without a pass over v).
+  ``write_masters=False``: the new w goes to params only, masters are read (params must
+  have the masters' dtype: float32 params whose masters are scratch backups).
 - ``lookahead_sync_(slow, fast, alpha, params=None)``: slow += alpha(fast - slow), fast = slow.
-- ``nonfinite_(lists, inv_scale=None)``: fused NaN/Inf check with optional AMP unscale.
+- ``nonfinite_(lists, inv_scale=None, sq_norms=False)``: fused NaN/Inf check with optional
+  AMP unscale; ``sq_norms=True`` returns [flag, ||lists[0]||^2, ...] (float32 [1 + len]) from
+  the same read of the data.
 
 Backends: "reference" (pure PyTorch), "cpp" (fused C++ CPU kernels, csrc/), "cuda"
 (CUDA kernels, csrc/), "triton" (kernels/). "auto" picks, per call, by device and dtype:
@@ -17,7 +23,9 @@ CPU -> "cpp" when the extension is built, else "reference"; CUDA -> the order in
 AUTO_CUDA_ORDER (set from the benchmark, see README), else "reference"; float64 and
 other dtypes a backend does not support fall back to "reference" under "auto" only.
 An explicitly requested backend that is unavailable raises BackendUnavailable naming
-what is missing.
+what is missing. The (backend, device type, dtype) -> module decision is cached; the cache
+key includes AUTO_CUDA_ORDER and the backend module table, so changing either takes effect
+on the next call; `clear_dispatch_cache()` forgets it (e.g. after building the extension).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from .base_step import ADAMW, BASES, SGD, BaseStep
 
 __all__ = [
     "BACKENDS", "AUTO_CUDA_ORDER", "BackendUnavailable", "BaseStep", "SGD", "ADAMW", "BASES",
-    "resolve", "available_backends", "multi_dot", "perturb_", "combine_step_",
+    "resolve", "clear_dispatch_cache", "available_backends", "multi_dot", "perturb_", "combine_step_",
     "lookahead_sync_", "nonfinite_", "sq_norm",
 ]
 
@@ -102,11 +110,25 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype):
     return mod
 
 
+_DISPATCH: dict = {}
+
+
+def clear_dispatch_cache() -> None:
+    """Forget the cached backend decisions of the op functions."""
+    _DISPATCH.clear()
+
+
 def _impl(backend: str, first: Optional[Tensor]):
     if first is None:
         _check_backend_name(backend)
         return reference
-    return resolve(backend, first.device, first.dtype)
+    key = (backend, first.device.type, first.dtype, AUTO_CUDA_ORDER,
+           _MODULES["cpp"], _MODULES["cuda"], _MODULES["triton"])
+    mod = _DISPATCH.get(key)
+    if mod is None:
+        mod = resolve(backend, first.device, first.dtype)  # raises: nothing cached
+        _DISPATCH[key] = mod
+    return mod
 
 
 def _first(*lists) -> Optional[Tensor]:
@@ -131,14 +153,16 @@ def perturb_(out, base, direction, scale, backup=None, backend: str = "auto") ->
 
 
 def combine_step_(params, masters, grads, coefs, base: BaseStep, base_state: dict,
-                  v=None, v_coefs=None, backend: str = "auto") -> None:
+                  v=None, v_coefs=None, v_sq_out: Optional[Tensor] = None,
+                  write_masters: bool = True, backend: str = "auto") -> None:
     _impl(backend, _first(params)).combine_step_(params, masters, grads, coefs, base,
-                                                  base_state, v, v_coefs)
+                                                  base_state, v, v_coefs, v_sq_out, write_masters)
 
 
 def lookahead_sync_(slow, fast, alpha: float, params=None, backend: str = "auto") -> None:
     _impl(backend, _first(fast)).lookahead_sync_(slow, fast, alpha, params)
 
 
-def nonfinite_(lists, inv_scale: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    return _impl(backend, _first(*lists)).nonfinite_(lists, inv_scale)
+def nonfinite_(lists, inv_scale: Optional[Tensor] = None, sq_norms: bool = False,
+               backend: str = "auto") -> Tensor:
+    return _impl(backend, _first(*lists)).nonfinite_(lists, inv_scale, sq_norms)

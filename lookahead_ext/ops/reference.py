@@ -132,10 +132,28 @@ def base_step_(masters: TensorList, d: list[Tensor], base: BaseStep, state: dict
     torch._foreach_add_(masters, d, alpha=-base.lr)
 
 
+def check_combine_extras(params, masters, v, v_sq_out, write_masters: bool) -> None:
+    """Validate combine_step_'s v_sq_out / write_masters (shared by every backend)."""
+    if v_sq_out is not None:
+        if v is None:
+            raise ValueError("combine_step_: v_sq_out needs v (it accumulates sum v_new^2)")
+        if not isinstance(v_sq_out, Tensor) or v_sq_out.dtype != torch.float32 or v_sq_out.numel() != 1:
+            raise ValueError("combine_step_: v_sq_out must be a float32 tensor with one element, got "
+                             f"{getattr(v_sq_out, 'dtype', type(v_sq_out))} {tuple(getattr(v_sq_out, 'shape', ()))}")
+        if params and v_sq_out.device != params[0].device:
+            raise ValueError(f"combine_step_: v_sq_out is on {v_sq_out.device}, params on {params[0].device}")
+    if not write_masters:
+        for i, (p, m) in enumerate(zip(params, masters)):
+            if p.dtype != m.dtype:
+                raise ValueError(f"combine_step_: write_masters=False needs params of the masters' dtype "
+                                 f"({m.dtype}); params[{i}] is {p.dtype}")
+
+
 def combine_step_(params: TensorList, masters: TensorList,
                   grads: Sequence[Optional[TensorList]], coefs: Sequence,
                   base: BaseStep, base_state: dict,
-                  v: Optional[TensorList] = None, v_coefs: Optional[Sequence] = None) -> None:
+                  v: Optional[TensorList] = None, v_coefs: Optional[Sequence] = None,
+                  v_sq_out: Optional[Tensor] = None, write_masters: bool = True) -> None:
     """The fused inner step (Algorithm 1, lines 12-16; eq. 9 and eq. 115), elementwise:
 
         d      = c0*g0 + cp*gp + cm*gm                      (eq. 9 for CMLR: c0 = 0)
@@ -150,7 +168,18 @@ def combine_step_(params: TensorList, masters: TensorList,
     `params` may be the `masters` tensors themselves (float32 parameters updated in place
     without a separate master copy, as LookaheadBio does); read-only grad lists may alias
     each other (g0 is gp).
+
+    v_sq_out: a float32 tensor of one element on the params' device (only with v):
+        v_sq_out += sum_i <v_new_i, v_new_i>  (the values as stored into v; deterministic,
+        multi_dot's summation: with v_sq_out zeroed, the CPU backend equals
+        multi_dot([v], [(0, 0)]) on the updated v bitwise). The next step's ||v|| without
+        another read pass of v.
+    write_masters=False: the new w is written to `params` only; `masters` are only read
+        (float32 parameters whose masters are scratch backups of w, rewritten by the next
+        perturb_ with backup=masters). params must have the masters' dtype. Saves the
+        4 B/elem masters write.
     """
+    check_combine_extras(params, masters, v, v_sq_out, write_masters)
     if not params:
         return
     cdt = masters[0].dtype
@@ -158,10 +187,14 @@ def combine_step_(params: TensorList, masters: TensorList,
         bv, a0, ap, am = v_coefs
         newv = linear_combination([(bv, v), (a0, grads[0]), (ap, grads[1]), (am, grads[2])], v, cdt)
     d = linear_combination(list(zip(coefs, grads)), masters, cdt)
-    base_step_(masters, d, base, base_state)
+    aliased = all(p is m for p, m in zip(params, masters))
+    w = list(masters) if write_masters or aliased else [m.clone() for m in masters]
+    base_step_(w, d, base, base_state)
     if v is not None:
         torch._foreach_copy_(list(v), newv)
-    torch._foreach_copy_(list(params), list(masters))
+        if v_sq_out is not None:
+            v_sq_out.add_(multi_dot([v], [(0, 0)])[0].reshape(v_sq_out.shape).to(v_sq_out.dtype))
+    torch._foreach_copy_(list(params), w)
 
 
 def lookahead_sync_(slow: TensorList, fast: TensorList, alpha: float,
@@ -180,12 +213,18 @@ def lookahead_sync_(slow: TensorList, fast: TensorList, alpha: float,
         torch._foreach_copy_(list(params), list(slow))
 
 
-def nonfinite_(lists: Sequence[TensorList], inv_scale: Optional[Tensor] = None) -> Tensor:
+def nonfinite_(lists: Sequence[TensorList], inv_scale: Optional[Tensor] = None,
+               sq_norms: bool = False) -> Tensor:
     """Return a 0-d float32 tensor: 1.0 if any element of any tensor is NaN/Inf, else 0.0.
 
     With inv_scale (a 0-d tensor, e.g. 1/GradScaler scale) every tensor is first multiplied
     in place by it (AMP unscale), as torch._amp_foreach_non_finite_check_and_unscale_ does.
     The check is on the unscaled values.
+
+    sq_norms=True: return a 1-D tensor of length 1 + len(lists) instead: element 0 is the
+    flag, element 1 + i the squared L2 norm of lists[i] over all its tensors (of the stored,
+    unscaled values), summed as multi_dot([lists[i]], [(0, 0)]) does (float32; float64 if
+    any input is float64). The fused backends read the data once for both.
     """
     flat = [t for lst in lists for t in lst]
     device = flat[0].device if flat else torch.device("cpu")
@@ -197,5 +236,12 @@ def nonfinite_(lists: Sequence[TensorList], inv_scale: Optional[Tensor] = None) 
         if t.numel():
             flags.append(torch.logical_not(torch.isfinite(t).all()))
     if not flags:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.stack(flags).any().to(torch.float32)
+        flag = torch.zeros((), dtype=torch.float32, device=device)
+    else:
+        flag = torch.stack(flags).any().to(torch.float32)
+    if not sq_norms:
+        return flag
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in flat) else torch.float32
+    norms = [multi_dot([lst], [(0, 0)]).to(device=device, dtype=dt) if len(lst) else
+             torch.zeros(1, dtype=dt, device=device) for lst in lists]
+    return torch.cat([flag.to(dt).reshape(1)] + norms)

@@ -9,6 +9,9 @@ tests/conftest.py does). Parameters float32/bfloat16/float16; optimizer state fl
 float64 is not supported (`supports` says False, so backend="auto" uses the reference);
 a call that still receives float64 tensors (e.g. mixed lists) is delegated to the
 reference implementation, which is exact for it.
+
+combine_step_'s v_sq_out and nonfinite_'s sq_norms are emulated with the multi_dot kernel
+(one extra read pass, deterministic); write_masters=False is in the combine kernel.
 """
 from __future__ import annotations
 
@@ -104,11 +107,13 @@ def perturb_(out, base, direction, scale, backup=None) -> None:
     return _kernels().perturb.perturb_(out, base, direction, scale, backup)
 
 
-def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None) -> None:
+def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
+                  v_sq_out=None, write_masters=True) -> None:
     if _any_fp64(params, masters, v, *grads, *base_state.values()):
-        return reference.combine_step_(params, masters, grads, coefs, base, base_state, v, v_coefs)
+        return reference.combine_step_(params, masters, grads, coefs, base, base_state, v, v_coefs,
+                                       v_sq_out, write_masters)
     return _kernels().combine_step.combine_step_(params, masters, grads, coefs, base,
-                                                 base_state, v, v_coefs)
+                                                 base_state, v, v_coefs, v_sq_out, write_masters)
 
 
 def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
@@ -117,7 +122,7 @@ def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
     return _kernels().lookahead_sync.lookahead_sync_(slow, fast, alpha, params)
 
 
-def nonfinite_(lists, inv_scale: Optional[torch.Tensor] = None):
+def nonfinite_(lists, inv_scale: Optional[torch.Tensor] = None, sq_norms: bool = False):
     if _any_fp64(*lists):
-        return reference.nonfinite_(lists, inv_scale)
-    return _kernels().nonfinite.nonfinite_(lists, inv_scale)
+        return reference.nonfinite_(lists, inv_scale, sq_norms)
+    return _kernels().nonfinite.nonfinite_(lists, inv_scale, sq_norms)
