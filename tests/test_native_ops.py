@@ -418,11 +418,6 @@ def test_nonfinite_sq_norms_empty_and_hand_checked():
     assert native.nonfinite_([a, b], torch.tensor(2.0), sq_norms=True).tolist() == [0.0, 20.0, 36.0]
 
 
-def _combine_vsq_case(n, dtype, device, scheme, base):
-    params, masters, grads, coefs, state, v, vc = _combine_case(n, dtype, device, scheme, base)
-    return params, masters, grads, coefs, state, v, vc
-
-
 @pytest.mark.parametrize("device,backend", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("sizes", SIZE_IDS)
