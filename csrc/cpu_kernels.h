@@ -285,7 +285,10 @@ void k_perturb(const PerturbArgs& a) {
 // into masters and/or params. The term flags are template parameters so that the loop
 // is straight-line code; the formulas are la_math.h's, fed a Combine whose flags are
 // these same compile-time constants.
-template <class G, bool ADAM, bool HAS_V, bool R0, bool RP, bool RM, bool S1>
+// PLAIN (SGD only): plain heavy-ball momentum (not the buffer's first step, no Nesterov),
+// the common case; the flags are then compile-time constants and their selects fold away
+// (in L1/L2-resident calls the selects, not memory, bound the loop).
+template <class G, bool ADAM, bool HAS_V, bool R0, bool RP, bool RM, bool S1, bool PLAIN = false>
 __attribute__((noinline)) static void combine_span(
     int64_t n, const CombineArgs& a, const float* __restrict__ w, float* __restrict__ wn,
     const G* __restrict__ x0, const G* __restrict__ xp, const G* __restrict__ xm, float* __restrict__ b1,
@@ -299,7 +302,12 @@ __attribute__((noinline)) static void combine_span(
   k.wp = k.wp && RP && HAS_V;
   k.wm = k.wm && RM && HAS_V;
   const AdamW ah = a.adamw;
-  const Sgd sh = a.sgd;
+  Sgd sh = a.sgd;
+  if (PLAIN) {
+    sh.first = false;
+    sh.nesterov = false;
+    sh.use_momentum = true;
+  }
   const float bv = a.vc[0], a0 = a.vc[1], ap = a.vc[2], am = a.vc[3];
   for (int64_t i = 0; i < n; ++i) {
     const float f0 = R0 ? to_f(x0[i]) : 0.0f;
@@ -317,7 +325,7 @@ __attribute__((noinline)) static void combine_span(
   }
 }
 
-template <class P, class G, bool ADAM, bool HAS_V, bool R0, bool RP, bool RM, bool S1>
+template <class P, class G, bool ADAM, bool HAS_V, bool R0, bool RP, bool RM, bool S1, bool PLAIN = false>
 void combine_typed(const CombineArgs& a) {
   for_chunks(a.w, [&](int64_t c, const Chunk& k) {
     const bool nt = kHaveNT && a.w.nt;
@@ -336,7 +344,7 @@ void combine_typed(const CombineArgs& a) {
     alignas(64) P ptmp[kBlock];
     double vsq = 0.0;
     for_blocks(k, [&](int64_t b0, int64_t n) {
-      combine_span<G, ADAM, HAS_V, R0, RP, RM, S1>(n, a, w + b0, wn, R0 ? x0 + b0 : nullptr, RP ? xp + b0 : nullptr,
+      combine_span<G, ADAM, HAS_V, R0, RP, RM, S1, PLAIN>(n, a, w + b0, wn, R0 ? x0 + b0 : nullptr, RP ? xp + b0 : nullptr,
                                                    RM ? xm + b0 : nullptr, S1 ? b1 + b0 : nullptr,
                                                    ADAM ? b2 + b0 : nullptr, HAS_V ? vv + b0 : nullptr);
       if (write_w) std::memcpy(w + b0, wn, static_cast<size_t>(n) * 4);
@@ -355,6 +363,15 @@ void combine_flags(const CombineArgs& a) {
   const bool r0 = k.u0 || k.w0, rp = k.up || k.wp, rm = k.um || k.wm, s1 = a.s1 != nullptr;
   // a gradient list is read when either combination uses it; unused ones are never touched
   const int code = (r0 ? 1 : 0) | (rp ? 2 : 0) | (rm ? 4 : 0) | (s1 ? 8 : 0);
+  const Sgd& h = a.sgd;
+  if (!ADAM && s1 && h.use_momentum && !h.first && !h.nesterov) {
+    switch (code & 7) {
+#define LA_CASE(n) \
+  case n: combine_typed<P, G, ADAM, HAS_V, (n & 1) != 0, (n & 2) != 0, (n & 4) != 0, true, true>(a); return;
+      LA_CASE(0) LA_CASE(1) LA_CASE(2) LA_CASE(3) LA_CASE(4) LA_CASE(5) LA_CASE(6) LA_CASE(7)
+#undef LA_CASE
+    }
+  }
   switch (code) {
 #define LA_CASE(n) \
   case n: combine_typed<P, G, ADAM, HAS_V, (n & 1) != 0, (n & 2) != 0, (n & 4) != 0, (n & 8) != 0>(a); break;

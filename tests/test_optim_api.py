@@ -390,6 +390,45 @@ def test_parameter_changes_between_steps_rebuild_the_plan(backend):
     assert m2[2].bias.dtype == torch.float64 and torch.equal(m2[2].bias, la_opt._slow[m2[2].bias])
 
 
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_v_norm_from_combine_is_used_only_for_the_v_it_wrote(backend, monkeypatch):
+    """CMLR takes ||v|| for the next step from combine_step_'s v_sq_out (no pass over v)
+    and the probe-gradient norms from the fused nonfinite_ check (no multi_dot at all);
+    an in-place edit of v (version counter) or a replaced v forces a fresh multi_dot.
+    Either way the trajectory is bit-identical to always recomputing ||v||."""
+    from lookahead_ext import ops as la_ops
+    x, y = data()
+    m1, m2 = mlp(), mlp()
+    o1 = la.CMLR(m1.parameters(), lr=0.1, momentum=0.9, k=3, init_v="carry", backend=backend)
+    o2 = la.CMLR(m2.parameters(), lr=0.1, momentum=0.9, k=3, init_v="carry", backend=backend)
+    o2._v_norm_sq = lambda vdir: o2._global_sq([[vl] for vl in vdir], [(0, 0)])[0]
+    calls = []
+    real = la_ops.multi_dot
+    monkeypatch.setattr(la_ops, "multi_dot", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for _ in range(4):
+        o1.step(closure_for(m1, x, y))
+    n_cached = len(calls)
+    for _ in range(4):
+        o2.step(closure_for(m2, x, y))
+    assert n_cached == 0 and len(calls) == 3  # o2: every step after the first (v = g0 there)
+    assert_bitwise(params_of(m1), params_of(m2))
+    calls.clear()
+    for o in (o1, o2):                       # the same in-place edit of v in both
+        with torch.no_grad():
+            for p in o.param_groups[0]["params"]:
+                o.state[p]["v"].mul_(3.0)
+    o1.step(closure_for(m1, x, y))
+    assert len(calls) == 1                   # the edit invalidated the carried norm
+    o2.step(closure_for(m2, x, y))
+    assert_bitwise(params_of(m1), params_of(m2))
+    p0 = o1.param_groups[0]["params"][0]      # a replaced v tensor (same values) too
+    o1.state[p0]["v"] = o1.state[p0]["v"].clone()
+    calls.clear()
+    o1.step(closure_for(m1, x, y))
+    assert len(calls) == 1
+
+
 # ------------------------------------------------------------------ slow weights
 @pytest.mark.parametrize("name", LOOK)
 def test_slow_weights_and_sync(name):

@@ -45,8 +45,19 @@ it with a closure, ``probes()`` lets a training loop drive it call by call.
 Passes per step. For float32/float64 params the exact fast weights w are backed up into
 scratch "masters" fused with the first perturbed probe write
 (``ops.perturb_(params, params, v, s, backup=masters)``); an unperturbed g0 probe first
-needs no write at all. bfloat16/float16 params keep persistent float32 masters in the
-state (mixed-precision master weights); the parameter is always cast(master).
+needs no write at all; the base step reads w from the masters and writes the new w into
+the params only (``write_masters=False``), and the Lookahead sync runs on the params.
+bfloat16/float16 params keep persistent float32 masters in the state (mixed-precision
+master weights); the parameter is always cast(master). Each probe's gradients are read
+once for the NaN/Inf check and their squared norm together (``ops.nonfinite_(...,
+sq_norms=True)``); the momentum v's norm for the next step is accumulated by the
+combine_step_ that writes v (``v_sq_out``) and reused while every v tensor is the one
+written then (same object, same version counter), else recomputed with multi_dot. A CMLR
+inner step with fp32 params thus makes 5 passes: perturb+ (with the backup), check g+,
+perturb-, check g-, combine (bench/bench_native.py times exactly this sequence).
+Per-step host work is kept small for small models: the buckets are cached (rebuilt when
+a parameter's identity, requires_grad or storage changes, or a group is added), and on
+CPU the few scalars of a step (1/||v||, the v-update coefficients) are Python floats.
 
 Extension points (for new algorithms as ProbeOptimizer subclasses)
 ------------------------------------------------------------------
@@ -64,7 +75,10 @@ probes it wants and finally update the weights. The building blocks:
 ``self._dense(buckets, grads)``  -> the grads with None replaced by zeros.
 ``self._global_sq(lists_per_bucket, pairs)`` -> global dot products (``ops.multi_dot``
     per bucket, summed): e.g. ``self._global_sq([[g] for g in dense], [(0, 0)])[0]``.
-``self._norm_inv(sq)`` -> 1/(sqrt(sq) + norm_eps), on device.
+``self._norm_inv(sq)`` -> 1/(sqrt(sq) + norm_eps): a 0-d device tensor (CUDA, no host
+    sync) or a float (CPU).
+``self._probe_sq[name]`` -> the global squared norm of probe ``name``'s gradients, from
+    its fused non-finite check (after ``_probe`` returns; zero-filled grads add nothing).
 ``kept, filled = self._gather(buckets, {"g0": g0, "g+": gp, ...})``
     Drops params without a gradient in every probe (restoring them to w) and zero-fills
     the rest; call it inside ``torch.no_grad()`` before the base step.
@@ -209,6 +223,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         self._scratch: dict = {}
         self._plan: Optional[tuple] = None  # (signature, buckets): see _step_buckets
         self._missing = False
+        self._probe_sq: dict = {}
+        self._v_sq: Optional[tuple] = None  # (||v||^2, [(v tensor, version)]): see _v_norm_sq
         self._slow: dict = {}
         self.last_loss = None
         self.track_cosine = bool(track_cosine)
@@ -340,6 +356,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     def _update(self) -> Iterator[Probe]:
         self.last_loss = None
         self._missing = False  # set by _probe: some parameter had no gradient in some probe
+        self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients
         self._dirs = [] if self.track_cosine else None
         buckets = self._step_buckets()
         committed = False
@@ -425,8 +442,14 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         one device and dtype), summed in float64 if any bucket is float64, else float32."""
         parts = [ops.multi_dot(lists, pairs, backend=self._backend())
                  for lists in lists_per_bucket if lists and lists[0]]
+        return self._sum_parts(parts, len(pairs))
+
+    @staticmethod
+    def _sum_parts(parts: list, n: int) -> Tensor:
+        """Sum per-bucket results (1-D, n entries) in a fixed order, in float64 if any part
+        is float64, on the first part's device; zeros when there is none."""
         if not parts:
-            return torch.zeros(len(pairs))
+            return torch.zeros(n)
         if len(parts) == 1:
             return parts[0]
         dt = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
@@ -501,9 +524,17 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         self._missing = self._missing or missing
         # prod hook (lookahead_ext.amp): a GradScaler's 1/scale, unscaled in the fused check
         inv_scale = self.inv_grad_scale() if getattr(self, "inv_grad_scale", None) else None
+        # one read per gradient: NaN/Inf flag and the squared norm (eq. 115 and the SAM-type
+        # directions need ||g||), per (device, dtype)
+        parts = []
         for flat in checks.values():
-            if flat and bool(ops.nonfinite_([flat], inv_scale, backend=backend).item()):
+            if not flat:
+                continue
+            res = ops.nonfinite_([flat], inv_scale, sq_norms=True, backend=backend)
+            if bool(res[0].item()):
                 self._skip(buckets, f"non-finite gradient at probe {name}")
+            parts.append(res[1:])
+        self._probe_sq[name] = self._sum_parts(parts, 1)[0]
         return grads
 
     @staticmethod
@@ -546,14 +577,29 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         with torch.no_grad():
             if self.direction == "grad" or need_v_init:
                 vdir = self._dense(buckets, probes["g0"])
+                sq_v = self._probe_sq["g0"]  # from g0's fused check (zero-filled grads add 0)
             else:
                 vdir = [[self._v(p) for p in b.params] for b in buckets]
-            inv_v = self._norm_inv(self._global_sq([[vl] for vl in vdir], [(0, 0)])[0])
+                sq_v = self._v_norm_sq(vdir)
+            inv_v = self._norm_inv(sq_v)
         probes["g+"] = yield from self._probe(buckets, idx, "g+", vdir, +1.0, inv_v)
         if self.scheme != "forward":
             probes["g-"] = yield from self._probe(buckets, idx + 1, "g-", vdir, -1.0, inv_v)
         with torch.no_grad():
             self._commit(buckets, probes, vdir, inv_v, need_v_init, k, K)
+
+    def _v_norm_sq(self, vdir) -> Tensor:
+        """||v||^2 for this step: the value the previous combine_step_ accumulated while
+        writing v (v_sq_out), if every v tensor is still the one written then, unmodified
+        (same object, same version counter); else a multi_dot pass over v."""
+        cached, self._v_sq = self._v_sq, None
+        if cached is not None:
+            flat = [t for vl in vdir for t in vl]
+            seen = cached[1]
+            if len(flat) == len(seen) and all(t is u and t._version == ver
+                                              for t, (u, ver) in zip(flat, seen)):
+                return cached[0]
+        return self._global_sq([[vl] for vl in vdir], [(0, 0)])[0]
 
     def _v(self, p) -> Tensor:
         # a parameter that joined after v was formed has v = 0: no perturbation
@@ -573,9 +619,10 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         momentum_like = self.direction in ("momentum", "lagged")
         if momentum_like:
             first, other = ("g+", "g0") if self.scheme == "forward" else ("g+", "g-")
-            sq = self._global_sq([[a, b] for a, b in zip(filled[first], filled[other])],
-                                 [(0, 0), (1, 1)])
-            inv_first, inv_other = self._norm_inv(sq[0]), self._norm_inv(sq[1])
+            # the norms come from the probes' fused checks (zero-filled grads add nothing)
+            inv_first = self._norm_inv(self._probe_sq[first])
+            inv_other = self._norm_inv(self._probe_sq[other])
+            v_sq = self._v_sq_accumulator(buckets)
             beta, gamma = self.beta_k(k), self._glob("gamma")
             a_first = (1.0 - beta) * gamma * inv_first
             a_other = (1.0 - beta) * (1.0 - gamma) * inv_other
@@ -607,7 +654,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                     v_coefs = (on(bv), on(a_other), on(a_first), on(zero))
                 else:
                     v_coefs = (on(bv), on(zero), on(a_first), on(a_other))
-            self._base_step(b, grads, coefs, v, v_coefs, backend)
+            self._base_step(b, grads, coefs, v, v_coefs, backend,
+                            v_sq_out=v_sq if momentum_like else None)
 
         # hand the last probe's gradient back in .grad, as after a normal backward()
         last = list(probes)[-1]
@@ -616,7 +664,24 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 p.grad = gr if gr.dtype == p.dtype else gr.to(p.dtype)
         if momentum_like:
             self._engine["v_ready"] = True
+            if v_sq is not None:  # every v was rewritten by this step: ||v||^2 for the next
+                vs = [self._v(p) for b in buckets for p in b.params]
+                self._v_sq = (v_sq[0], [(t, t._version) for t in vs])
         self._finish(all_buckets, k)
+
+    def _v_sq_accumulator(self, buckets) -> Optional[Tensor]:
+        """A zeroed float32 [1] for combine_step_'s v_sq_out when the step rewrites every v
+        on one device in float32 state (fp64 state keeps its own precision through the
+        multi_dot pass, and a dropped parameter keeps an unrewritten v); else None."""
+        if self._missing:
+            return None
+        ps = [p for b in buckets for p in b.params]
+        if not ps or any(state_dtype(p.dtype) != torch.float32 for p in ps):
+            return None
+        dev = ps[0].device
+        if any(p.device != dev for p in ps):
+            return None
+        return torch.zeros(1, dtype=torch.float32, device=dev)
 
     def _finish(self, buckets, k: Optional[int] = None) -> None:
         """Bookkeeping at the end of an applied inner step, then the Lookahead sync after
@@ -633,8 +698,11 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         elif eng["k"] >= self._glob("k"):
             self._sync_buckets(buckets)
 
-    def _base_step(self, b: Bucket, grads, coefs, v, v_coefs, backend) -> None:
-        """Group the bucket by base-state age (torch semantics are per parameter) and apply."""
+    def _base_step(self, b: Bucket, grads, coefs, v, v_coefs, backend, v_sq_out=None) -> None:
+        """Group the bucket by base-state age (torch semantics are per parameter) and apply.
+        fp32/fp64 buckets write the new weights to the params only (their masters are
+        scratch, refreshed by the next step's first perturbation), so the bucket's masters
+        no longer hold w afterwards. ``v_sq_out``: see ops.combine_step_."""
         g = b.group
         kind = self._glob("base")
         self._ensure_synced([b])
@@ -666,10 +734,12 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             if self._dirs is not None:
                 self._record_direction(params, sgrads, coefs)
             ops.combine_step_(params, sel(b.masters), sgrads, coefs, base, state, sel(v), v_coefs,
-                              backend=backend)
+                              v_sq_out=v_sq_out, write_masters=b.low_precision, backend=backend)
             if kind == ADAMW:
                 for p in params:
                     self.state[p]["step"] = key
+        if not b.low_precision:
+            b.synced = False
 
     # ------------------------------------------------------------------ diagnostics
     def _record_direction(self, params, grads, coefs) -> None:
