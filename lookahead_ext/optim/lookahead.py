@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import ops
-from ._buckets import trainable
+from ._buckets import LOW_PRECISION, trainable
 from ._slow import SlowWeightsMixin, init_slow
 
 _KEY = "lookahead"
@@ -95,7 +95,8 @@ class Lookahead(SlowWeightsMixin, Optimizer):
     def _sync_now(self) -> None:
         for slow, params in self._sync_groups():
             ops.lookahead_sync_(slow, params, self.alpha, backend=self.backend)
-            if self.state:  # a base optimizer with fp32 master weights (e.g. SAM on bf16)
+            # a base optimizer with fp32 master weights of bf16/fp16 params (e.g. SAM on bf16)
+            if self.state and params[0].dtype in LOW_PRECISION:
                 for p, s in zip(params, slow):
                     st = self.state.get(p)
                     master = st.get("master") if st else None
