@@ -46,6 +46,13 @@ class Bucket:
                       self.synced, self.perturbed)
 
 
+def param_signature(groups) -> tuple:
+    """What a cached bucket plan depends on: each group's identity and size and each
+    parameter's identity, requires_grad and storage (``p.data = ...`` changes the pointer)."""
+    return (tuple([(id(g), len(g["params"])) for g in groups]),
+            tuple([(id(p), p.requires_grad, p.data_ptr()) for g in groups for p in g["params"]]))
+
+
 def trainable(groups) -> list[Tensor]:
     return [p for g in groups for p in g["params"] if p.requires_grad]
 

@@ -127,7 +127,7 @@ from torch.optim import Optimizer
 from .. import ops
 from ..ops.base_step import ADAMW, BASES, SGD, BaseStep
 from ..ops.reference import linear_combination
-from ._buckets import Bucket, make_buckets, state_dtype, trainable
+from ._buckets import Bucket, make_buckets, param_signature, state_dtype, trainable
 from ._slow import SlowWeightsMixin, init_slow
 
 DIRECTIONS = ("grad", "momentum", "lagged")
@@ -378,13 +378,11 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
 
     # -- building blocks (see "Extension points") ----------------------------
     def _step_buckets(self) -> list[Bucket]:
-        """This step's buckets, rebuilt only when the parameters changed: the signature
-        holds each group's identity and size and each parameter's identity, requires_grad
-        and storage pointer (``p.data = ...`` changes the pointer). Building buckets costs
-        more than the fused ops themselves on small models; load_state_dict drops the plan."""
+        """This step's buckets, rebuilt only when the parameters changed (param_signature).
+        Building buckets costs more than the fused ops themselves on small models;
+        load_state_dict drops the plan."""
         groups = self.param_groups
-        sig = (tuple([(id(g), len(g["params"])) for g in groups]),
-               tuple([(id(p), p.requires_grad, p.data_ptr()) for g in groups for p in g["params"]]))
+        sig = param_signature(groups)
         plan = self._plan
         if plan is None or plan[0] != sig:
             with torch.no_grad():

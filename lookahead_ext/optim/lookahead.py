@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import ops
-from ._buckets import LOW_PRECISION, trainable
+from ._buckets import LOW_PRECISION, param_signature, trainable
 from ._slow import SlowWeightsMixin, init_slow
 
 _KEY = "lookahead"
@@ -78,11 +78,10 @@ class Lookahead(SlowWeightsMixin, Optimizer):
         return self._slow
 
     def _sync_groups(self) -> list[tuple[list, list]]:
-        """(slow weights, params) per (device, dtype), rebuilt only when the trainable
-        parameters change (identity, requires_grad or storage): regrouping every sync
-        costs more than the fused sync itself on a small model."""
-        sig = tuple([(id(p), p.requires_grad, p.data_ptr())
-                     for g in self.param_groups for p in g["params"]])
+        """(slow weights, params) per (device, dtype), rebuilt only when the parameters
+        change (param_signature): regrouping every sync costs more than the fused sync
+        itself on a small model."""
+        sig = param_signature(self.param_groups)
         plan = self._plan
         if plan is None or plan[0] != sig:
             groups: dict = {}
