@@ -98,7 +98,7 @@ def _update_readme(summary, out, dev):
         "python -m bench.run_all            # CPU suite (add --readme to refresh this section)\n"
         "python -m bench.run_all --quick    # ~1 min smoke run\n"
         "python -m bench.run_all --device cuda --backend auto   # GPU: parts 1-3, ResNet-18\n"
-        "python -m bench.kernels --full     # 1M -> 256M params sweep\n"
+        "python -m bench.kernels --full --out bench/results/full   # 1M -> 256M sweep (committed there)\n"
         "python -m bench.table8 | bench.peers | bench.nqm | bench.digits\n"
         "```\n\n"
         "Part 3 needs the bench-only extra `pip install pytorch-optimizer`. The paper's baselines "
