@@ -6,7 +6,9 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace la {
@@ -55,6 +57,41 @@ inline void check_list(at::TensorList ts, const char* op, const char* name, cons
                   "' must share one dtype (", dtype_name(ts[0].scalar_type()), " vs ",
                   dtype_name(t.scalar_type()), ")");
     }
+  }
+}
+
+// The CPU kernels declare their streams __restrict__ (and a CUDA thread loads every stream
+// of an element before it stores any, so an aliased pair would silently keep one of two
+// results): lists that are written must not share memory with another list of the same
+// call (perturb_'s out/base aliasing is the exception it handles, and it does not use
+// __restrict__). Shared by the CPU and CUDA ops: the same error for the same input.
+// The first `n_written` lists are written; the rest are read-only, and two read-only lists may share memory (e.g. g0 is gp).
+// `params_alias_masters`: lists 0 and 1 (params, masters) may be the same tensors: every
+// element then gets the same value stored twice (fp32 params used as their own masters).
+inline void check_distinct(const char* op, size_t n_written,
+                           std::initializer_list<std::pair<const char*, at::TensorList>> lists,
+                           bool params_alias_masters = false) {
+  std::vector<std::pair<const char*, at::TensorList>> ls(lists);
+  for (size_t a = 0; a < ls.size() && a < n_written; ++a) {
+    for (size_t b = a + 1; b < ls.size(); ++b) {
+      if (ls[a].second.empty() || ls[b].second.empty()) continue;
+      if (params_alias_masters && a == 0 && b == 1) continue;
+      for (size_t i = 0; i < ls[a].second.size(); ++i) {
+        const auto& x = ls[a].second[i];
+        const auto& y = ls[b].second[i];
+        TORCH_CHECK(x.numel() == 0 || x.data_ptr() != y.data_ptr(), op, ": ", ls[a].first, "[", i, "] and ",
+                    ls[b].first, "[", i, "] share memory; they must be distinct tensors");
+      }
+    }
+  }
+}
+
+// perturb_: out[i] may be base[i] itself (in place), but then of the same dtype.
+inline void check_out_base(at::TensorList out, at::TensorList base) {
+  for (size_t i = 0; i < out.size() && i < base.size(); ++i) {
+    if (out[i].numel() == 0 || out[i].data_ptr() != base[i].data_ptr()) continue;
+    TORCH_CHECK(out[i].scalar_type() == base[i].scalar_type(), "perturb_: out[", i,
+                "] is base[", i, "] but with another dtype");
   }
 }
 

@@ -43,6 +43,8 @@ inline AdamW make_adamw(at::ArrayRef<double> hyper) {
 inline Combine make_combine(at::ArrayRef<double> coefs, at::IntArrayRef flags, bool h0, bool hp,
                             bool hm, bool has_v) {
   TORCH_CHECK(coefs.size() == 3, "combine_step_: coefs must have 3 entries (c0, c+, c-)");
+  // flags[2..4] are read below for SGD and AdamW alike (make_sgd checks the size only for SGD)
+  TORCH_CHECK(flags.size() == 5, "combine_step_: flags must have 5 entries (nesterov, first, w0, w+, w-)");
   Combine k;
   k.c0 = static_cast<float>(coefs[0]);
   k.cp = static_cast<float>(coefs[1]);

@@ -100,29 +100,7 @@ float read_scalar(const c10::optional<at::Tensor>& t, float dflt) {
   return t ? *t->data_ptr<float>() : dflt;  // checked: one float32 element on the CPU
 }
 
-// The kernels declare their streams __restrict__: lists that are written must not share
-// memory with another list of the same call (perturb_'s out/base aliasing is the exception
-// it handles, and it does not use __restrict__). The first `n_written` lists are written;
-// the rest are read-only, and two read-only lists may share memory (e.g. g0 is gp).
-// `params_alias_masters`: lists 0 and 1 (params, masters) may be the same tensors: every
-// element then gets the same value stored twice (fp32 params used as their own masters).
-void check_distinct(const char* op, size_t n_written,
-                    std::initializer_list<std::pair<const char*, at::TensorList>> lists,
-                    bool params_alias_masters = false) {
-  std::vector<std::pair<const char*, at::TensorList>> ls(lists);
-  for (size_t a = 0; a < ls.size() && a < n_written; ++a) {
-    for (size_t b = a + 1; b < ls.size(); ++b) {
-      if (ls[a].second.empty() || ls[b].second.empty()) continue;
-      if (params_alias_masters && a == 0 && b == 1) continue;
-      for (size_t i = 0; i < ls[a].second.size(); ++i) {
-        const auto& x = ls[a].second[i];
-        const auto& y = ls[b].second[i];
-        TORCH_CHECK(x.numel() == 0 || x.data_ptr() != y.data_ptr(), op, ": ", ls[a].first, "[", i, "] and ",
-                    ls[b].first, "[", i, "] share memory; they must be distinct tensors");
-      }
-    }
-  }
-}
+// check_distinct / check_out_base: checks.h (shared with the CUDA ops, same errors)
 
 int code(at::ScalarType t) { return t == at::kFloat ? 0 : t == at::kBFloat16 ? 1 : 2; }
 
@@ -195,11 +173,7 @@ void perturb_cpu(at::TensorList out, at::TensorList base, at::TensorList directi
   if (has_backup && !base.empty()) check_list(backup, "perturb_", "backup", cpu, numels, base[0].scalar_type());
   check_scalar(scale_t, "perturb_", "scale", cpu);
   if (out.empty()) return;
-  for (size_t i = 0; i < out.size(); ++i) {  // out may be base itself (in place), never a part of it
-    if (out[i].numel() == 0 || out[i].data_ptr() != base[i].data_ptr()) continue;
-    TORCH_CHECK(out[i].scalar_type() == base[i].scalar_type(), "perturb_: out[", i,
-                "] is base[", i, "] but with another dtype");
-  }
+  check_out_base(out, base);  // out may be base itself (in place), never a part of it
   const float scale = static_cast<float>(read_scalar(scale_t, 1.0f) * scale_f);
   const Table tab = make_table(numels);
   auto po = ptrs(out), pb = ptrs(base), pk = ptrs(backup);

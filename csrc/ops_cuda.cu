@@ -99,6 +99,23 @@ std::vector<void*> ptrs(at::TensorList ts) {
   return out;
 }
 
+// The device of an op whose first list may be empty: the first tensor of any list (the CPU
+// ops validate every list even when the first is empty; so do these, on that device).
+inline c10::optional<at::Device> first_device(std::initializer_list<at::TensorList> lists) {
+  for (const auto& l : lists) {
+    if (!l.empty()) return l[0].device();
+  }
+  return c10::nullopt;
+}
+
+// The dispatcher picks these CUDA kernels when *any* tensor argument is on CUDA, so the
+// op's device (its first tensor's) may be the CPU: CUDAGuard would then fail an internal
+// assert; raise the device error that check_list gives instead.
+inline void check_cuda(const at::Device& dev, const char* op) {
+  TORCH_CHECK(dev.is_cuda(), op, ": the first tensor is on ", dev,
+              " but the op runs on CUDA (all tensors must share one device)");
+}
+
 template <class F>
 void dispatch3(at::ScalarType t, const F& f) {
   dispatch_float(t, "lookahead_ext (cuda)", [&](auto tag) {
@@ -115,6 +132,7 @@ at::Tensor multi_dot_cuda(at::TensorList tensors, int64_t n_lists, at::IntArrayR
   TORCH_CHECK(pairs.size() % 2 == 0, "multi_dot: pairs must be a flat list of (i, j)");
   TORCH_CHECK(!tensors.empty(), "multi_dot: no tensors");
   const at::Device dev = tensors[0].device();
+  check_cuda(dev, "multi_dot");
   c10::cuda::CUDAGuard guard(dev);
   const int64_t n = static_cast<int64_t>(tensors.size()) / n_lists;
   const int64_t P = static_cast<int64_t>(pairs.size()) / 2;
@@ -125,7 +143,7 @@ at::Tensor multi_dot_cuda(at::TensorList tensors, int64_t n_lists, at::IntArrayR
     check_list(lists.back(), "multi_dot", "tensors", dev, numels);
   }
   for (int64_t p = 0; p < 2 * P; ++p) {
-    TORCH_CHECK(pairs[p] >= 0 && pairs[p] < n_lists, "multi_dot: pair index out of range");
+    TORCH_CHECK(pairs[p] >= 0 && pairs[p] < n_lists, "multi_dot: pair index ", pairs[p], " out of range");
   }
   const auto off = chunk_offsets(numels);
   const int64_t C = off.back();
@@ -196,15 +214,20 @@ struct PerturbFn {
 
 void perturb_cuda(at::TensorList out, at::TensorList base, at::TensorList direction,
                   const c10::optional<at::Tensor>& scale_t, double scale_f, at::TensorList backup) {
-  if (out.empty()) return;
-  const at::Device dev = out[0].device();
+  // empty out: the other lists are still validated (ops_cpu.cpp does), then nothing to do
+  const auto d0 = first_device({out, base, direction, backup});
+  if (!d0) return;
+  const at::Device dev = *d0;
+  check_cuda(dev, "perturb_");
   c10::cuda::CUDAGuard guard(dev);
   std::vector<int64_t> numels;
   check_list(out, "perturb_", "out", dev, numels);
   check_list(base, "perturb_", "base", dev, numels);
   check_list(direction, "perturb_", "direction", dev, numels);
-  if (!backup.empty()) check_list(backup, "perturb_", "backup", dev, numels, base[0].scalar_type());
+  if (!backup.empty() && !base.empty()) check_list(backup, "perturb_", "backup", dev, numels, base[0].scalar_type());
   check_scalar(scale_t, "perturb_", "scale", dev);
+  if (out.empty()) return;
+  check_out_base(out, base);  // as on the CPU: out may be base only with base's dtype
   const auto ot = out[0].scalar_type(), bt = base[0].scalar_type(), dt = direction[0].scalar_type();
   TORCH_CHECK(bt == at::kFloat || bt == ot, "perturb_ (cuda): base must be float32 or the dtype of out");
   TORCH_CHECK(dt == at::kFloat || dt == ot, "perturb_ (cuda): direction must be float32 or the dtype of out");
@@ -300,15 +323,18 @@ void combine_step_cuda(at::TensorList params, at::TensorList masters, at::Tensor
                        at::ArrayRef<double> v_coefs_f, int64_t kind, at::ArrayRef<double> hyper,
                        at::IntArrayRef flags, const c10::optional<at::Tensor>& v_sq_out, bool write_masters) {
   const char* op = "combine_step_";
-  if (params.empty()) return;
-  const at::Device dev = params[0].device();
+  // empty params: the other lists are still validated (ops_cpu.cpp does), then nothing to do
+  auto d0 = first_device({params, masters, g0, gp, gm, state1, state2, v});
+  if (!d0 && v_sq_out) d0 = v_sq_out->device();
+  if (!d0) return;
+  const at::Device dev = *d0;
+  check_cuda(dev, op);
   c10::cuda::CUDAGuard guard(dev);
   check_combine_extras(op, params, masters, v, v_sq_out, write_masters, dev);
   std::vector<int64_t> numels;
   check_list(params, op, "params", dev, numels);
   check_list(masters, op, "masters", dev, numels, at::kFloat);
-  const auto pt = params[0].scalar_type();
-  at::ScalarType gdt = pt;
+  at::ScalarType gdt = at::kFloat;
   bool gset = false;
   for (const at::TensorList* g : {&g0, &gp, &gm}) {
     if (g->empty()) continue;
@@ -316,13 +342,21 @@ void combine_step_cuda(at::TensorList params, at::TensorList masters, at::Tensor
     gdt = (*g)[0].scalar_type();
     gset = true;
   }
-  TORCH_CHECK(gdt == pt || gdt == at::kFloat, op, " (cuda): grads must be float32 or the params' dtype");
   TORCH_CHECK(kind == kSgd || kind == kAdamW, op, ": kind must be 0 (SGD) or 1 (AdamW)");
   if (!state1.empty()) check_list(state1, op, "state1", dev, numels, at::kFloat);
   if (!state2.empty()) check_list(state2, op, "state2", dev, numels, at::kFloat);
   if (!v.empty()) check_list(v, op, "v", dev, numels, at::kFloat);
-  TORCH_CHECK(kind != kAdamW || (!state1.empty() && !state2.empty()), op, ": AdamW needs exp_avg and exp_avg_sq");
+  TORCH_CHECK(kind != kAdamW || params.empty() || (!state1.empty() && !state2.empty()), op,
+              ": AdamW needs exp_avg and exp_avg_sq");
   if (!v.empty()) check_vcoefs(v_coefs_t, v_coefs_f, dev);
+  if (params.empty()) return;
+  // as on the CPU: written lists must not share memory (params may be their own masters)
+  check_distinct(op, 5, {{"params", params}, {"masters", masters}, {"state1", state1}, {"state2", state2}, {"v", v},
+                      {"g0", g0}, {"gp", gp}, {"gm", gm}}, /*params_alias_masters=*/true);
+  const auto pt = params[0].scalar_type();
+  if (!gset) gdt = pt;
+  // CUDA-only restriction (not instantiated: mixed low-precision grads/params pairs)
+  TORCH_CHECK(gdt == pt || gdt == at::kFloat, op, " (cuda): grads must be float32 or the params' dtype");
   CombineScalars cs{};
   cs.k = make_combine(coefs, flags, !g0.empty(), !gp.empty(), !gm.empty(), !v.empty());
   const bool adam = kind == kAdamW;
@@ -393,13 +427,18 @@ struct SyncFn {
 };
 
 void lookahead_sync_cuda(at::TensorList slow, at::TensorList fast, double alpha, at::TensorList params) {
-  if (slow.empty()) return;
-  const at::Device dev = slow[0].device();
+  // empty slow: the other lists are still validated (ops_cpu.cpp does), then nothing to do
+  const auto d0 = first_device({slow, fast, params});
+  if (!d0) return;
+  const at::Device dev = *d0;
+  check_cuda(dev, "lookahead_sync_");
   c10::cuda::CUDAGuard guard(dev);
   std::vector<int64_t> numels;
   check_list(slow, "lookahead_sync_", "slow", dev, numels, at::kFloat);
   check_list(fast, "lookahead_sync_", "fast", dev, numels);
   if (!params.empty()) check_list(params, "lookahead_sync_", "params", dev, numels);
+  if (slow.empty()) return;
+  check_distinct("lookahead_sync_", 3, {{"slow", slow}, {"fast", fast}, {"params", params}});  // as on the CPU
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   std::vector<std::vector<void*>> lists = {ptrs<void>(slow), ptrs<void>(fast),
                                            params.empty() ? std::vector<void*>() : ptrs<void>(params)};
@@ -447,18 +486,25 @@ struct NonfiniteFn {
 
 at::Tensor nonfinite_cuda(at::TensorList tensors, const c10::optional<at::Tensor>& inv_scale,
                           at::IntArrayRef list_sizes, bool sq_norms) {
-  TORCH_CHECK(!tensors.empty(), "nonfinite_: no tensors");
-  const at::Device dev = tensors[0].device();
+  // no tensors (reached only with a CUDA inv_scale): the CPU op's zeros, on that device
+  TORCH_CHECK(!tensors.empty() || inv_scale, "nonfinite_: no tensors");
+  const at::Device dev = tensors.empty() ? inv_scale->device() : tensors[0].device();
+  check_cuda(dev, "nonfinite_");
   c10::cuda::CUDAGuard guard(dev);
+  // every argument is validated before the first (in-place unscaling) launch, in
+  // ops_cpu.cpp's order: tensors, inv_scale, list_sizes (also without sq_norms)
+  for (size_t i = 0; i < tensors.size(); ++i) {  // dtypes may differ between tensors
+    std::vector<int64_t> one;
+    check_list(tensors.slice(i, 1), "nonfinite_", "tensors", dev, one);
+  }
   check_scalar(inv_scale, "nonfinite_", "inv_scale", dev);
+  const auto bounds = list_bounds(list_sizes, static_cast<int64_t>(tensors.size()));
   auto flag = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(dev));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const float* inv = inv_scale ? inv_scale->data_ptr<float>() : nullptr;
   for (auto st : {at::kFloat, at::kBFloat16, at::kHalf}) {  // one launch series per dtype
     std::vector<at::Tensor> group;
     for (size_t i = 0; i < tensors.size(); ++i) {
-      std::vector<int64_t> one;
-      check_list(tensors.slice(i, 1), "nonfinite_", "tensors", dev, one);
       if (tensors[i].scalar_type() == st) group.push_back(tensors[i]);
     }
     if (group.empty()) continue;
@@ -472,7 +518,6 @@ at::Tensor nonfinite_cuda(at::TensorList tensors, const c10::optional<at::Tensor
   if (!sq_norms) return flag;
   // the squared norm of each list, of the stored (unscaled) values: multi_dot per list (per
   // tensor, summed in order, where a list mixes dtypes)
-  const auto bounds = list_bounds(list_sizes, static_cast<int64_t>(tensors.size()));
   const int64_t L = static_cast<int64_t>(bounds.size()) - 1;
   auto out = at::zeros({1 + L}, at::TensorOptions().dtype(at::kFloat).device(dev));
   out.narrow(0, 0, 1).copy_(flag.reshape({1}));

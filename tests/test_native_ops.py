@@ -296,6 +296,32 @@ def test_raw_cuda_op_rejects_cpu_tensor():
     a = torch.randn(5, device="cuda")
     with pytest.raises(RuntimeError, match="is on cpu"):
         torch.ops.lookahead_ext.lookahead_sync_([a], [torch.randn(5)], 0.5, [])
+    with pytest.raises(RuntimeError, match="is on cpu"):  # a CPU first tensor: no CUDAGuard(cpu) assert
+        torch.ops.lookahead_ext.lookahead_sync_([torch.randn(5)], [a], 0.5, [])
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+def test_raw_ops_validate_alike_on_every_device(device, backend):
+    """CPU and CUDA reject the same bad raw-op inputs with the same errors, before any write."""
+    lib = torch.ops.lookahead_ext
+    x = torch.ones(4, device=device)
+    with pytest.raises(RuntimeError, match="list_sizes sum"):  # also without sq_norms
+        lib.nonfinite_([x], torch.tensor(2.0, device=device), [2], False)
+    assert torch.equal(x, torch.ones(4, device=device))  # nothing was unscaled
+    s = [torch.ones(4, device=device)]
+    with pytest.raises(RuntimeError, match="share memory"):
+        lib.lookahead_sync_(s, s, 0.5, [])
+    lib.lookahead_sync_([], s, 0.5, [])  # empty slow: validated, then nothing to do (no error)
+    assert torch.equal(s[0], torch.ones(4, device=device))
+    p, m, g, v = ([torch.randn(6, device=device)] for _ in range(4))
+    sgd = (p, m, [], g, [], [0.0, 1.0, 0.0], v, [], v, [], [0.5, 0.0, 0.1, 0.0], 0, [0.1, 0.0, 0.9, 0.0],
+           [0, 0, 0, 1, 0])
+    with pytest.raises(RuntimeError, match="share memory"):  # momentum buffer is v
+        lib.combine_step_(*sgd)
+    adam = (p, m, [], g, [], [0.0, 1.0, 0.0], [torch.zeros(6, device=device)], [torch.zeros(6, device=device)],
+            [], [], [0.0] * 4, 1, [1.0, 0.1, 0.999, 0.001, 1e-8, 0.1, 0.1], [0, 0])
+    with pytest.raises(RuntimeError, match="flags must have 5 entries"):
+        lib.combine_step_(*adam)
 
 
 # ----------------------------------------------------------------------------- dispatch

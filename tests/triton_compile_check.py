@@ -62,19 +62,20 @@ def variants():
         yield ("combine adamw + v (CMLR) bf16 " + tag, combine_step._combine_kernel, ctypes,
                dict(P_DT=tl.bfloat16, **common, D0=False, DP=True, DM=True, HAS_V=True, V0=False,
                     VP=True, VM=True, BV_PTR=True, A0_PTR=True, AP_PTR=True, AM_PTR=True, VB=True,
-                    ADAM=True, HAS_WD=True, MOMENTUM=False, NESTEROV=False, FIRST=False, **fa),
+                    ADAM=True, HAS_WD=True, MOMENTUM=False, NESTEROV=False, FIRST=False, WRITE_W=True, **fa),
                full and aligned)
         yield ("combine sgd nesterov fp32 " + tag, combine_step._combine_kernel, ctypes,
                dict(P_DT=tl.float32, G0_DT=tl.float32, GP_DT=tl.float32, GM_DT=tl.float32,
                     D0=True, DP=True, DM=False, HAS_V=False, V0=False, VP=False, VM=False,
                     BV_PTR=False, A0_PTR=False, AP_PTR=False, AM_PTR=False, VB=False,
-                    ADAM=False, HAS_WD=True, MOMENTUM=True, NESTEROV=True, FIRST=False, **fa),
+                    ADAM=False, HAS_WD=True, MOMENTUM=True, NESTEROV=True, FIRST=False,
+                    WRITE_W=False, **fa),  # write_masters=False (fp32 params)
                full and aligned)
         yield ("combine sgd first-step fp16 " + tag, combine_step._combine_kernel, ctypes,
                dict(P_DT=tl.float16, G0_DT=tl.float16, GP_DT=tl.float16, GM_DT=tl.float16,
                     D0=True, DP=False, DM=False, HAS_V=False, V0=False, VP=False, VM=False,
                     BV_PTR=False, A0_PTR=False, AP_PTR=False, AM_PTR=False, VB=False,
-                    ADAM=False, HAS_WD=False, MOMENTUM=True, NESTEROV=False, FIRST=True, **fa),
+                    ADAM=False, HAS_WD=False, MOMENTUM=True, NESTEROV=False, FIRST=True, WRITE_W=True, **fa),
                full and aligned)
         yield ("multi_dot xx,yy,xy bf16/fp32 " + tag, multi_dot._dot_kernel,
                dict(tbl, partials=PF32, n_cols="i64", row_xx="i64", row_yy="i64", row_xy="i64"),

@@ -15,6 +15,7 @@ combine_step_'s v_sq_out and nonfinite_'s sq_norms are emulated with the multi_d
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from typing import Optional
@@ -95,16 +96,31 @@ def _any_fp64(*lists) -> bool:
     return False
 
 
+def _guard(*lists):
+    """Compiled Triton launches on the *current* CUDA device (triton/runtime/jit.py:
+    driver.active.get_current_device()), not the tensors' one: make the tensors' device
+    current (tensors on cuda:1 while cuda:0 is current would otherwise get kernels on
+    cuda:0 with cuda:1 pointers). A no-op on CPU (interpreter)."""
+    for lst in lists:
+        for t in lst or ():
+            if t is not None and t.device.type == "cuda":
+                return torch.cuda.device(t.device)
+            return contextlib.nullcontext()
+    return contextlib.nullcontext()
+
+
 def multi_dot(lists, pairs, per_tensor: bool = False):
     if _any_fp64(*lists):
         return reference.multi_dot(lists, pairs, per_tensor)
-    return _kernels().multi_dot.multi_dot(lists, pairs, per_tensor)
+    with _guard(*lists):
+        return _kernels().multi_dot.multi_dot(lists, pairs, per_tensor)
 
 
 def perturb_(out, base, direction, scale, backup=None) -> None:
     if _any_fp64(out, base, direction, backup):
         return reference.perturb_(out, base, direction, scale, backup)
-    return _kernels().perturb.perturb_(out, base, direction, scale, backup)
+    with _guard(out):
+        return _kernels().perturb.perturb_(out, base, direction, scale, backup)
 
 
 def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
@@ -112,17 +128,20 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
     if _any_fp64(params, masters, v, *grads, *base_state.values()):
         return reference.combine_step_(params, masters, grads, coefs, base, base_state, v, v_coefs,
                                        v_sq_out, write_masters)
-    return _kernels().combine_step.combine_step_(params, masters, grads, coefs, base,
-                                                 base_state, v, v_coefs, v_sq_out, write_masters)
+    with _guard(params):
+        return _kernels().combine_step.combine_step_(params, masters, grads, coefs, base,
+                                                     base_state, v, v_coefs, v_sq_out, write_masters)
 
 
 def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
     if _any_fp64(slow, fast, params):
         return reference.lookahead_sync_(slow, fast, alpha, params)
-    return _kernels().lookahead_sync.lookahead_sync_(slow, fast, alpha, params)
+    with _guard(slow):
+        return _kernels().lookahead_sync.lookahead_sync_(slow, fast, alpha, params)
 
 
 def nonfinite_(lists, inv_scale: Optional[torch.Tensor] = None, sq_norms: bool = False):
     if _any_fp64(*lists):
         return reference.nonfinite_(lists, inv_scale, sq_norms)
-    return _kernels().nonfinite.nonfinite_(lists, inv_scale, sq_norms)
+    with _guard(*lists):
+        return _kernels().nonfinite.nonfinite_(lists, inv_scale, sq_norms)
