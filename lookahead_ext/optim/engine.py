@@ -630,6 +630,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             else:  # host floats (CPU, see _norm_inv)
                 zero, bv = 0.0, beta * inv_v
 
+        written_v: list = []  # the v tensors combine_step_ rewrites (see _v_norm_sq)
         for bi, b in enumerate(buckets):
             if not b.params:
                 continue
@@ -644,6 +645,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             v = v_coefs = None
             if momentum_like:
                 v = [self._v(p) for p in b.params]
+                written_v.extend(v)
                 if need_v_init:               # Algorithm 1, line 4: v_0 = g_0
                     torch._foreach_copy_(v, vdir[bi])
                 dev = v[0].device
@@ -663,8 +665,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         if momentum_like:
             self._engine["v_ready"] = True
             if v_sq is not None:  # every v was rewritten by this step: ||v||^2 for the next
-                vs = [self._v(p) for b in buckets for p in b.params]
-                self._v_sq = (v_sq[0], [(t, t._version) for t in vs])
+                self._v_sq = (v_sq[0], [(t, t._version) for t in written_v])
         self._finish(all_buckets, k)
 
     def _v_sq_accumulator(self, buckets) -> Optional[Tensor]:
@@ -673,13 +674,11 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         multi_dot pass, and a dropped parameter keeps an unrewritten v); else None."""
         if self._missing:
             return None
-        ps = [p for b in buckets for p in b.params]
-        if not ps or any(state_dtype(p.dtype) != torch.float32 for p in ps):
+        kinds = {b.kind for b in buckets if b.params}  # (device, dtype) per bucket
+        if len({dev for dev, _ in kinds}) != 1 or any(state_dtype(dt) != torch.float32
+                                                      for _, dt in kinds):
             return None
-        dev = ps[0].device
-        if any(p.device != dev for p in ps):
-            return None
-        return torch.zeros(1, dtype=torch.float32, device=dev)
+        return torch.zeros(1, dtype=torch.float32, device=next(iter(kinds))[0])
 
     def _finish(self, buckets, k: Optional[int] = None) -> None:
         """Bookkeeping at the end of an applied inner step, then the Lookahead sync after
