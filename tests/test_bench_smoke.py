@@ -33,3 +33,43 @@ def test_quick_suite_writes_results(tmp_path):
     rows = json.loads((out / "table8_cpu.json").read_text())["rows"]
     for r in rows:
         assert r["evals_per_update"] == r["paper_count"], r["label"]
+
+
+def test_fused_ops_only_replays_the_step_exactly():
+    """bench.peers' floor: the recorded raw op calls of one SAM step, replayed from the same
+    starting point, give bitwise the step's result (and the reference path records none)."""
+    import pytest
+    import torch
+    sys.path.append(ROOT)
+    import lookahead_ext as la
+    from lookahead_ext import ops
+    from bench.peers import fused_ops_only
+    if ops.available_backends()["cpp"] != "ok":
+        pytest.skip("cpp backend not built")
+    torch.manual_seed(0)
+    params = [torch.randn(n, requires_grad=True) for n in (7, 1031, 64)]
+    grads = [torch.randn_like(p) for p in params]
+    for backend, expect_ops in (("cpp", True), ("reference", False)):
+        opt = la.SAM(params, lr=0.1, momentum=0.9, backend=backend)
+
+        def step():
+            for _probe in opt.probes():
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+        step()  # state exists from here on
+        snap = [t.detach().clone() for t in params] + [opt.state[p]["momentum_buffer"].clone()
+                                                       for p in params]
+        replay = fused_ops_only(step)
+        if not expect_ops:
+            assert replay is None
+            continue
+        after = [t.detach().clone() for t in params] + [opt.state[p]["momentum_buffer"].clone()
+                                                        for p in params]
+        assert not all(torch.equal(a, b) for a, b in zip(snap, after))
+        with torch.no_grad():
+            for t, s in zip(params + [opt.state[p]["momentum_buffer"] for p in params], snap):
+                t.copy_(s)
+        replay()
+        again = [t.detach() for t in params] + [opt.state[p]["momentum_buffer"] for p in params]
+        for a, b in zip(after, again):
+            assert torch.equal(a, b)
