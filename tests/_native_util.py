@@ -17,7 +17,7 @@ DEVICES = [pytest.param("cpu", "cpp", marks=needs_cpp, id="cpp"),
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
 
-# sizes: empty, one, odd, a prime above the 64K chunk, a prime above 1M; many small; mixed
+# sizes: empty, one, odd, a prime above 64K (several 16K chunks), a prime above 1M; many small; mixed
 SIZES = {
     "edge": [0, 1, 7],
     "prime": [65537, 131],

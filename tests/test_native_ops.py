@@ -426,7 +426,7 @@ def test_nonfinite_sq_norms(device, backend, dtype, sizes, unscale):
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_nonfinite_sq_norms_flags_bad_values(device, backend, bad):
     xs = rand([70001, 5, 3], torch.float32, device, 9)
-    xs[0][65536 + 17] = float(bad)  # in the second chunk of the first tensor
+    xs[0][65536 + 17] = float(bad)  # in a later chunk of the first tensor
     got = native.nonfinite_([xs[:1], xs[1:]], sq_norms=True)
     want = reference.nonfinite_([xs[:1], xs[1:]], sq_norms=True)
     assert got[0].item() == want[0].item() == 1.0
