@@ -78,7 +78,9 @@ probes it wants and finally update the weights. The building blocks:
 ``self._norm_inv(sq)`` -> 1/(sqrt(sq) + norm_eps): a 0-d device tensor (CUDA, no host
     sync) or a float (CPU).
 ``self._probe_sq[name]`` -> the global squared norm of probe ``name``'s gradients, from
-    its fused non-finite check (after ``_probe`` returns; zero-filled grads add nothing).
+    its fused non-finite check (after ``_probe`` returns; zero-filled grads add nothing):
+    a Python float for float32 gradients on the CPU (read with the NaN/Inf flag), else a
+    0-d tensor; ``_norm_inv`` takes either.
 ``kept, filled = self._gather(buckets, {"g0": g0, "g+": gp, ...})``
     Drops params without a gradient in every probe (restoring them to w) and zero-fills
     the rest; call it inside ``torch.no_grad()`` before the base step.
@@ -88,8 +90,9 @@ probes it wants and finally update the weights. The building blocks:
     with d (base state created/advanced per parameter), optional v update
     (``v_coefs = (bv, a0, a+, a-)``, see ops.combine_step_). Records d for
     ``track_cosine``.
-``self._state_buffer(p, name)`` -> a persistent per-parameter float buffer in
-    ``self.state[p]`` (saved by state_dict), created as zeros.
+``self._state_buffer(p, name, st=None)`` -> a persistent per-parameter float buffer in
+    ``self.state[p]`` (saved by state_dict), created as zeros (``st``: ``self.state[p]``
+    if the caller holds it).
 ``self._finish(buckets, k)`` -> end of an applied inner step (pass all the step's
     buckets): counters, cycle position and, for ``lookahead`` optimizers, the slow-weight
     sync after the K-th step. Must be called once, at the end, by an overriding
@@ -128,6 +131,7 @@ from .. import ops
 from ..ops.base_step import ADAMW, BASES, SGD, BaseStep
 from ..ops.reference import linear_combination
 from ._buckets import Bucket, make_buckets, param_signature, state_dtype, trainable
+from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow
 
 DIRECTIONS = ("grad", "momentum", "lagged")
@@ -357,6 +361,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         self.last_loss = None
         self._missing = False  # set by _probe: some parameter had no gradient in some probe
         self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients
+        self._grads_taken = False  # set by _probe: the grads were captured (and set to None)
         self._dirs = [] if self.track_cosine else None
         buckets = self._step_buckets()
         committed = False
@@ -422,14 +427,17 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     def _backend(self) -> str:
         return self._glob("backend")
 
-    def _norm_inv(self, sq: Tensor):
-        """1 / (||x|| + norm_eps) from a squared norm. CUDA: a 0-d device tensor (no host
-        sync). CPU: a Python float, computed in double precision: there is no device to
-        wait for, and each 0-d tensor op costs microseconds, which on a small model is more
-        than the fused passes themselves. Every scalar derived from it (the probe scale,
-        the v-update coefficients) then stays a host float as well."""
+    def _norm_inv(self, sq):
+        """1 / (||x|| + norm_eps) from a squared norm (a 0-d tensor, or a float: CPU).
+        CUDA: a 0-d device tensor (no host sync). CPU: a Python float, computed in double
+        precision: there is no device to wait for, and each 0-d tensor op costs
+        microseconds, which on a small model is more than the fused passes themselves.
+        Every scalar derived from it (the probe scale, the v-update coefficients) then
+        stays a host float as well."""
         if getattr(self, "norm_hook", None) is not None:  # prod hook: sum over shards (FSDP2)
-            sq = self.norm_hook(sq)
+            sq = self.norm_hook(torch.tensor(sq, dtype=torch.float32) if isinstance(sq, float) else sq)
+        if isinstance(sq, float):
+            return 1.0 / (math.sqrt(sq) + self._glob("norm_eps"))
         if sq.device.type == "cpu":
             return 1.0 / (math.sqrt(float(sq)) + self._glob("norm_eps"))
         return 1.0 / (sq.sqrt() + self._glob("norm_eps"))
@@ -463,8 +471,10 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         return [[g if g is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
                  for g, p in zip(gl, b.params)] for gl, b in zip(grads, buckets)]
 
-    def _state_buffer(self, p: Tensor, name: str) -> Tensor:
-        st = self.state[p]
+    def _state_buffer(self, p: Tensor, name: str, st: Optional[dict] = None) -> Tensor:
+        """``st``: ``self.state[p]`` when the caller has it already (saves the lookup)."""
+        if st is None:
+            st = self.state[p]
         if name not in st:
             st[name] = torch.zeros_like(p, dtype=state_dtype(p.dtype),
                                         memory_format=torch.contiguous_format)
@@ -473,7 +483,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     def _probe(self, buckets, index, name, direction=None, sign=0.0, inv_vnorm=None):
         """Put the params at w + sign*rho*inv_vnorm*direction, yield a Probe, capture the grads."""
         backend = self._backend()
-        with torch.no_grad():
+        with _no_grad():
             for bi, b in enumerate(buckets):
                 if not b.params:
                     continue
@@ -488,8 +498,9 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                                      backup=b.masters, backend=backend)
                         b.synced = True
                     b.perturbed = True
-                for p in b.params:
-                    p.grad = None
+                if not self._grads_taken:  # after a probe's capture they are None already
+                    for p in b.params:
+                        p.grad = None
         probe = Probe(index, name)
         yield probe
         self._engine["evals"] += 1
@@ -519,6 +530,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 gl.append(g)
                 p.grad = None  # keep this probe's gradient; the next probe starts from zero
             grads.append(gl)
+        self._grads_taken = True
         self._missing = self._missing or missing
         # prod hook (lookahead_ext.amp): a GradScaler's 1/scale, unscaled in the fused check
         inv_scale = self.inv_grad_scale() if getattr(self, "inv_grad_scale", None) else None
@@ -529,10 +541,18 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             if not flat:
                 continue
             res = ops.nonfinite_([flat], inv_scale, sq_norms=True, backend=backend)
-            if bool(res[0].item()):
+            if res.device.type == "cpu":  # one host read of [flag, ||g||^2] (see _norm_inv)
+                flag, sq = res.tolist()
+                parts.append((res, sq if res.dtype == torch.float32 else None))
+            else:  # reading the flag syncs; the norm stays on the device
+                flag = res[0].item()
+                parts.append((res, None))
+            if flag:
                 self._skip(buckets, f"non-finite gradient at probe {name}")
-            parts.append(res[1:])
-        self._probe_sq[name] = self._sum_parts(parts, 1)[0]
+        if len(parts) == 1 and parts[0][1] is not None:  # the usual CPU case: a float
+            self._probe_sq[name] = parts[0][1]
+        else:
+            self._probe_sq[name] = self._sum_parts([res[1:] for res, _ in parts], 1)[0]
         return grads
 
     @staticmethod
@@ -572,7 +592,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             probes["g0"] = yield from self._probe(buckets, idx, "g0")
             idx += 1
         # the perturbation direction v (per bucket) and 1/||v||
-        with torch.no_grad():
+        with _no_grad():
             if self.direction == "grad" or need_v_init:
                 vdir = self._dense(buckets, probes["g0"])
                 sq_v = self._probe_sq["g0"]  # from g0's fused check (zero-filled grads add 0)
@@ -583,7 +603,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         probes["g+"] = yield from self._probe(buckets, idx, "g+", vdir, +1.0, inv_v)
         if self.scheme != "forward":
             probes["g-"] = yield from self._probe(buckets, idx + 1, "g-", vdir, -1.0, inv_v)
-        with torch.no_grad():
+        with _no_grad():
             self._commit(buckets, probes, vdir, inv_v, need_v_init, k, K)
 
     def _v_norm_sq(self, vdir) -> Tensor:
@@ -719,13 +739,13 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         for key, idx in subsets:
             sel = (lambda lst: lst) if idx is None else \
                 (lambda lst: None if lst is None else [lst[i] for i in idx])  # noqa: E731
-            params = sel(b.params)
+            params, pstates = sel(b.params), sel(states)
             base = BaseStep(kind=kind, lr=float(g["lr"]), weight_decay=g["weight_decay"],
                             momentum=g["momentum"], dampening=g["dampening"],
                             nesterov=g["nesterov"], first=bool(key) if kind == SGD else False,
                             beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
                             step=key if kind == ADAMW else 1)
-            state = {name: [self._state_buffer(p, name) for p in params]
+            state = {name: [self._state_buffer(p, name, st) for p, st in zip(params, pstates)]
                      for name in base.state_names()}
             sgrads = tuple(sel(x) for x in grads)
             if self._dirs is not None:
@@ -733,8 +753,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             ops.combine_step_(params, sel(b.masters), sgrads, coefs, base, state, sel(v), v_coefs,
                               v_sq_out=v_sq_out, write_masters=b.low_precision, backend=backend)
             if kind == ADAMW:
-                for p in params:
-                    self.state[p]["step"] = key
+                for st in pstates:
+                    st["step"] = key
         if not b.low_precision:
             b.synced = False
 

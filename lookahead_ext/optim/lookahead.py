@@ -9,6 +9,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from ._buckets import LOW_PRECISION, param_signature, trainable
+from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow
 
 _KEY = "lookahead"
@@ -90,17 +91,17 @@ class Lookahead(SlowWeightsMixin, Optimizer):
             plan = self._plan = (sig, [([self._slow[p] for p in ps], ps) for ps in groups.values()])
         return plan[1]
 
-    @torch.no_grad()
     def _sync_now(self) -> None:
-        for slow, params in self._sync_groups():
-            ops.lookahead_sync_(slow, params, self.alpha, backend=self.backend)
-            # a base optimizer with fp32 master weights of bf16/fp16 params (e.g. SAM on bf16)
-            if self.state and params[0].dtype in LOW_PRECISION:
-                for p, s in zip(params, slow):
-                    st = self.state.get(p)
-                    master = st.get("master") if st else None
-                    if isinstance(master, Tensor) and master.shape == p.shape:
-                        master.copy_(s)
+        with _no_grad():
+            for slow, params in self._sync_groups():
+                ops.lookahead_sync_(slow, params, self.alpha, backend=self.backend)
+                # a base optimizer with fp32 master weights of bf16/fp16 params (e.g. SAM on bf16)
+                if self.state and params[0].dtype in LOW_PRECISION:
+                    for p, s in zip(params, slow):
+                        st = self.state.get(p)
+                        master = st.get("master") if st else None
+                        if isinstance(master, Tensor) and master.shape == p.shape:
+                            master.copy_(s)
         self._counter = 0
 
     # ------------------------------------------------------------------ state dict
