@@ -78,11 +78,14 @@ def target_verdicts(tim: dict, wrapper: float) -> list[tuple]:
         ours, floor, peer = r["ours"], r.get("ours_ops_only"), r.get("peer")
         if floor is None or not peer or not ours:
             continue
-        floor += wrapper if "Lookahead" in name else 0.0
+        what = "fused ops alone"
+        if "Lookahead" in name:
+            floor += wrapper
+            what = "fused ops alone + the Optimizer.step wrapper"
         if peer / ours >= TARGET:
             verdict = "met"
         elif peer / floor < TARGET:
-            verdict = (f"out of reach: the floor alone ({_ms(floor)} ms) is more than "
+            verdict = (f"out of reach: the floor ({what}: {_ms(floor)} ms) is more than "
                        f"1/{TARGET:g} of the peer's time")
         else:
             verdict = (f"missed: host side {_ms(ours - floor)} ms, would have to be "

@@ -73,3 +73,23 @@ def test_fused_ops_only_replays_the_step_exactly():
         again = [t.detach() for t in params] + [opt.state[p]["momentum_buffer"] for p in params]
         for a, b in zip(after, again):
             assert torch.equal(a, b)
+
+
+def test_target_verdicts():
+    """bench.peers' verdict on the >= 3x target: met, out of reach (the floor, plus the step
+    wrapper for a Lookahead row, is above a third of the peer), or missed by host time."""
+    sys.path.append(ROOT)
+    from bench.peers import target_verdicts
+    tim = {
+        "A: SAM step": dict(ours=1.0, ours_ops_only=0.5, peer=3.0),             # met
+        "B: SAM step": dict(ours=2.0, ours_ops_only=1.5, peer=4.0),             # 4/1.5 < 3
+        "C: SAM step": dict(ours=2.0, ours_ops_only=0.5, peer=3.0),             # host 1.5 > 0.5
+        "D: Lookahead sync": dict(ours=2.0, ours_ops_only=0.9, peer=3.0),       # 0.9 + 0.2 > 1
+        "E: GSAM": dict(ours=1.0, peer=1.0),                                    # no floor: no row
+    }
+    got = {name: verdict for name, _ratio, verdict in target_verdicts(tim, wrapper=0.2)}
+    assert set(got) == {"A: SAM step", "B: SAM step", "C: SAM step", "D: Lookahead sync"}
+    assert got["A: SAM step"] == "met"
+    assert got["B: SAM step"].startswith("out of reach")
+    assert got["C: SAM step"].startswith("missed") and "1500.000 ms" in got["C: SAM step"]
+    assert got["D: Lookahead sync"].startswith("out of reach") and "wrapper" in got["D: Lookahead sync"]
