@@ -361,7 +361,6 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         self.last_loss = None
         self._missing = False  # set by _probe: some parameter had no gradient in some probe
         self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients
-        self._grads_taken = False  # set by _probe: the grads were captured (and set to None)
         self._dirs = [] if self.track_cosine else None
         buckets = self._step_buckets()
         committed = False
@@ -436,9 +435,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         stays a host float as well."""
         if getattr(self, "norm_hook", None) is not None:  # prod hook: sum over shards (FSDP2)
             sq = self.norm_hook(torch.tensor(sq, dtype=torch.float32) if isinstance(sq, float) else sq)
-        if isinstance(sq, float):
-            return 1.0 / (math.sqrt(sq) + self._glob("norm_eps"))
-        if sq.device.type == "cpu":
+        if isinstance(sq, float) or sq.device.type == "cpu":
             return 1.0 / (math.sqrt(float(sq)) + self._glob("norm_eps"))
         return 1.0 / (sq.sqrt() + self._glob("norm_eps"))
 
@@ -498,7 +495,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                                      backup=b.masters, backend=backend)
                         b.synced = True
                     b.perturbed = True
-                if not self._grads_taken:  # after a probe's capture they are None already
+                if not self._probe_sq:  # a probe's capture (it fills _probe_sq) left them None
                     for p in b.params:
                         p.grad = None
         probe = Probe(index, name)
@@ -530,7 +527,6 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 gl.append(g)
                 p.grad = None  # keep this probe's gradient; the next probe starts from zero
             grads.append(gl)
-        self._grads_taken = True
         self._missing = self._missing or missing
         # prod hook (lookahead_ext.amp): a GradScaler's 1/scale, unscaled in the fused check
         inv_scale = self.inv_grad_scale() if getattr(self, "inv_grad_scale", None) else None
