@@ -30,6 +30,7 @@ on the next call; `clear_dispatch_cache()` forgets it (e.g. after building the e
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -88,6 +89,22 @@ def _check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_fallback_warned = False
+
+
+def _warn_reference_fallback(device: torch.device, reasons: list) -> None:
+    """Say once per process that "auto" runs the slow reference because no fused backend is built."""
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(f"lookahead_ext: backend='auto' falls back to the pure-PyTorch reference ops "
+                      f"on {device.type} (3-13x slower per op) because the compiled extension is "
+                      f"missing: {'; '.join(reasons)}. Pass backend='reference' to choose the "
+                      f"reference on purpose.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype):
     """Return the module implementing the ops for tensors on `device` of `dtype`."""
     _check_backend_name(backend)
@@ -95,10 +112,15 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype):
         return reference
     if backend == "auto":
         order = ("cpp",) if device.type == "cpu" else AUTO_CUDA_ORDER if device.type == "cuda" else ()
+        missing = []
         for name in order:
-            mod, _ = _load(name)
-            if mod is not None and mod.supports(name, device, dtype):
+            mod, reason = _load(name)
+            if mod is None:
+                missing.append(reason)
+            elif mod.supports(name, device, dtype):
                 return mod
+        if missing and dtype in _FUSED_DTYPES:
+            _warn_reference_fallback(device, missing)
         return reference
     mod, reason = _load(backend)
     if mod is None:
