@@ -1,45 +1,72 @@
-"""Build lookahead_ext: the Python package, the Triton kernels (kernels/ installed as
-lookahead_ext.kernels) and the fused C++ (always) and CUDA (when available) extensions.
+"""Build lookahead_ext's compiled parts; the metadata is in pyproject.toml.
+
+The Python package, the Triton kernels (kernels/, installed as lookahead_ext.kernels) and
+the fused C++ (always) and CUDA (when available) extensions, compiled against the torch
+that is importable at build time (hence `pip install --no-build-isolation .`).
 
 Environment:
   LOOKAHEAD_EXT_NO_CUDA=1   never build the CUDA extension
-  LOOKAHEAD_EXT_NO_CPP=1    build no extension at all (pure-Python install)
+  LOOKAHEAD_EXT_NO_CPP=1    build no extension at all (pure-Python install, reference ops)
   TORCH_CUDA_ARCH_LIST      honoured by torch.utils.cpp_extension for the CUDA build
 """
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The wheel's Python tag under py_limited_api: the extensions use only PyModule_Create of the
+# stable ABI (csrc/pymodule*.cpp; the ops are registered through torch's C++ library, not
+# through Python), so one wheel serves every CPython >= 3.9 for a given torch and platform.
+LIMITED_API = ("cp39", "0x03090000")
+# Commands that compile; metadata and sdist commands must work without torch.
+_COMPILING = {"build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel",
+              "bdist_egg"}
+
+NO_TORCH_MESSAGE = """
+lookahead_ext: torch is not importable in this build environment, so the fused C++/CUDA
+extension cannot be compiled. This is pip's build isolation (the default): build against the
+torch you already have instead:
+
+    pip install --no-build-isolation .          (or: pip wheel --no-build-isolation .)
+
+(install torch first). To install the pure-Python package on purpose (reference ops only,
+3-13x slower per op), set LOOKAHEAD_EXT_NO_CPP=1.
+"""
 
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _torch_version(torch):
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def _extensions():
     if _flag("LOOKAHEAD_EXT_NO_CPP"):
-        return [], {}
+        return [], {}, {}
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("lookahead_ext: torch not importable at build time; building without extensions "
-              "(use `pip install --no-build-isolation .` with torch installed)")
-        return [], {}
+        if _COMPILING.intersection(sys.argv[1:]):
+            sys.exit(NO_TORCH_MESSAGE)
+        return [], {}, {}  # egg_info / sdist / dist_info: no compiler, no torch needed
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    if not cpp:
-        return [], {}
+    # torch >= 2.6 builds py_limited_api extensions without libtorch_python
+    limited = _torch_version(torch) >= (2, 6)
+    abi = dict(py_limited_api=True, define_macros=[("Py_LIMITED_API", LIMITED_API[1])]) if limited else {}
     # no errno from sqrtf and no FP-trap assumptions: lets the kernels' loops vectorize
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math"]
     if os.name != "nt":
         cxx += ["-fopenmp"]
     exts = [CppExtension("lookahead_ext._C", [s for s in cpp if not s.endswith("_cuda.cpp")],
                          include_dirs=[os.path.join(HERE, "csrc")],
-                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], **abi)]
     want_cuda = (not _flag("LOOKAHEAD_EXT_NO_CUDA") and cu and torch.version.cuda is not None
                  and (shutil.which("nvcc") or os.environ.get("CUDA_HOME")))
     if want_cuda:
@@ -47,26 +74,21 @@ def _extensions():
             "lookahead_ext._C_cuda", [s for s in cpp if s.endswith("_cuda.cpp")] + cu,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": ["-O3", "-std=c++20"],
-                                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]}))
+                                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]}, **abi))
     else:
         print("lookahead_ext: building the CPU extension only (torch without CUDA, no nvcc, "
               "or LOOKAHEAD_EXT_NO_CUDA set)")
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    options = {"bdist_wheel": {"py_limited_api": LIMITED_API[0]}} if limited else {}
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}, options
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, options = _extensions()
 
 setup(
-    name="lookahead_ext",
-    version="0.1.0",
-    description="Fused lookahead-family optimizers (CMLR, SAM, Lookahead, LookaheadBio) for PyTorch",
-    python_requires=">=3.9",
     packages=find_packages(include=["lookahead_ext", "lookahead_ext.*"]) + ["lookahead_ext.kernels"],
     package_dir={"lookahead_ext.kernels": "kernels"},
-    install_requires=["torch>=2.1", "tqdm", "numpy"],
-    extras_require={"triton": ["triton"], "demo": ["scikit-learn", "matplotlib"],
-                    "test": ["pytest", "scikit-learn", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options=options,
     zip_safe=False,
 )
