@@ -3,10 +3,10 @@
     python -m bench.run_all                 # CPU suite, default sizes (~10-20 min on 2 cores)
     python -m bench.run_all --quick         # ~1 minute, tiny sizes (used by the smoke test)
     python -m bench.run_all --device cuda   # parts 1-3 on the GPU (ResNet-18 in Table 8)
-    python -m bench.run_all --readme        # also rewrite README.md's bench section
 
 Each part also runs alone: python -m bench.kernels | table8 | peers | nqm | digits.
-Results: <out>/<part>_<device>.json + .md (+ .png), and <out>/summary_<device>.md.
+Results: <out>/<part>_<device>.json + .md (+ .png), and <out>/summary_<device>.md (which
+docs/benchmarks.md includes when the site is built).
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ def main(argv=None):
     p.add_argument("--budget", type=int, default=0)
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--reps", type=int, default=0)
-    p.add_argument("--readme", action="store_true", help="rewrite README.md's bench section")
     args = p.parse_args(argv)
     common.setup(args)
     dev = args.device.split(":")[0]
@@ -75,39 +74,8 @@ def main(argv=None):
     summary = head + "\n\n" + "\n\n".join(sections) + "\n"
     with open(os.path.join(args.out, f"summary_{dev}.md"), "w") as f:
         f.write(summary)
-    if args.readme:
-        _update_readme(summary, args.out, dev)
     print(summary)
     return total
-
-
-def _update_readme(summary, out, dev):
-    root = os.path.dirname(common.HERE)
-    readme = os.path.join(root, "README.md")
-    text = open(readme).read()
-    a, b = "<!-- section:bench -->", "<!-- /section:bench -->"
-    i, j = text.index(a) + len(a), text.index(b)
-    rel = os.path.relpath(out, root)
-    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
-    intro = (
-        "\n## Benchmarks\n\n"
-        "The suite in `bench/` (issue 6) measures the fused ops, reproduces Table 8, compares "
-        "with pytorch-optimizer and checks the paper's claims at small scale. One command runs "
-        "the CPU suite; each part runs alone too:\n\n"
-        "```bash\n"
-        "python -m bench.run_all            # CPU suite (add --readme to refresh this section)\n"
-        "python -m bench.run_all --quick    # ~1 min smoke run\n"
-        "python -m bench.run_all --device cuda --backend auto   # GPU: parts 1-3, ResNet-18\n"
-        "python -m bench.kernels --full --out bench/results/full   # 1M -> 256M sweep (committed there)\n"
-        "python -m bench.table8 | bench.peers | bench.nqm | bench.digits\n"
-        "```\n\n"
-        "Part 3 needs the bench-only extra `pip install pytorch-optimizer`. The paper's baselines "
-        "are `from lookahead_ext.optim.baselines import LookbehindSAM, GSAM, CRSAM` (docstrings give "
-        "our reading of each paper). Every number below was produced by the command named in the "
-        f"first line; JSON, Markdown and plots ({', '.join(pngs)}) are in `{rel}/`.\n\n")
-    text = text[:i] + intro + summary.replace("### ", "#### ") + "\n" + text[j:]
-    with open(readme, "w") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":
