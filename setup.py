@@ -79,7 +79,25 @@ def _extensions():
         print("lookahead_ext: building the CPU extension only (torch without CUDA, no nvcc, "
               "or LOOKAHEAD_EXT_NO_CUDA set)")
     options = {"bdist_wheel": {"py_limited_api": LIMITED_API[0]}} if limited else {}
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}, options
+
+    class BuildExt(BuildExtension):
+        def copy_extensions_to_source(self):
+            """In-place builds: also delete the extension's copies with another suffix.
+
+            Python imports `_C.cpython-3XX-*.so` before `_C.abi3.so`, so a stale copy built
+            without (or with another) py_limited_api would shadow the new build.
+            """
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                package, _, name = ext.name.rpartition(".")
+                folder = build_py.get_package_dir(package)
+                keep = os.path.basename(self.get_ext_filename(ext.name))
+                for path in glob.glob(os.path.join(folder, name + ".*.so")):
+                    if os.path.basename(path) != keep:
+                        os.remove(path)
+
+    return exts, {"build_ext": BuildExt.with_options(use_ninja=True)}, options
 
 
 ext_modules, cmdclass, options = _extensions()
