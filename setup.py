@@ -17,10 +17,6 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The wheel's Python tag under py_limited_api: the extensions use only PyModule_Create of the
-# stable ABI (csrc/pymodule*.cpp; the ops are registered through torch's C++ library, not
-# through Python), so one wheel serves every CPython >= 3.9 for a given torch and platform.
-LIMITED_API = ("cp39", "0x03090000")
 # Commands that compile; metadata and sdist commands must work without torch.
 _COMPILING = {"build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel",
               "bdist_egg"}
@@ -41,15 +37,12 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _torch_version(torch):
-    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-
-
 def _extensions():
     if _flag("LOOKAHEAD_EXT_NO_CPP"):
         return [], {}, {}
     try:
         import torch
+        from torch.utils import cpp_extension
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         if _COMPILING.intersection(sys.argv[1:]):
@@ -57,9 +50,12 @@ def _extensions():
         return [], {}, {}  # egg_info / sdist / dist_info: no compiler, no torch needed
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    # torch >= 2.6 builds py_limited_api extensions without libtorch_python
-    limited = _torch_version(torch) >= (2, 6)
-    abi = dict(py_limited_api=True, define_macros=[("Py_LIMITED_API", LIMITED_API[1])]) if limited else {}
+    # Python's stable ABI: the extensions use only PyModule_Create (csrc/pymodule*.cpp; the ops
+    # are registered through torch's C++ library, not through Python), so one wheel serves every
+    # CPython from torch's minimum on. torch >= 2.6 supports it (no libtorch_python, and it
+    # defines Py_LIMITED_API as its min_supported_cpython, which gives the wheel's tag).
+    min_py = getattr(cpp_extension, "min_supported_cpython", None)
+    abi = dict(py_limited_api=True) if min_py else {}
     # no errno from sqrtf and no FP-trap assumptions: lets the kernels' loops vectorize
     cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math"]
     if os.name != "nt":
@@ -78,7 +74,7 @@ def _extensions():
     else:
         print("lookahead_ext: building the CPU extension only (torch without CUDA, no nvcc, "
               "or LOOKAHEAD_EXT_NO_CUDA set)")
-    options = {"bdist_wheel": {"py_limited_api": LIMITED_API[0]}} if limited else {}
+    options = {"bdist_wheel": {"py_limited_api": f"cp{int(min_py[2:4], 16)}{int(min_py[4:6], 16)}"}} if min_py else {}
 
     class BuildExt(BuildExtension):
         def copy_extensions_to_source(self):

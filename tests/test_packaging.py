@@ -105,8 +105,11 @@ def test_wheel_from_sdist_carries_the_extension(sdist, tmp_path):
     assert so, f"no lookahead_ext/_C in {os.path.basename(whl)}"
     assert "lookahead_ext/kernels/combine_step.py" in names and "lookahead_ext/_version.py" in names
     tag = os.path.basename(whl).split("-")[2:4]
-    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6):
-        assert tag == ["cp39", "abi3"] and so == ["lookahead_ext/_C.abi3.so"], (tag, so)
+    import torch.utils.cpp_extension
+    min_py = getattr(torch.utils.cpp_extension, "min_supported_cpython", None)
+    if min_py:  # torch >= 2.6: Python's stable ABI from torch's minimum CPython on
+        assert tag == [f"cp{int(min_py[2:4], 16)}{int(min_py[4:6], 16)}", "abi3"], tag
+        assert so == ["lookahead_ext/_C.abi3.so"], so
     meta = zipfile.ZipFile(whl).read(f"lookahead_ext-{lookahead_ext.__version__}.dist-info/METADATA").decode()
     assert "Requires-Dist: torch>=2.4" in meta
     # the unpacked wheel imports and its C++ backend works (not the editable source tree)
