@@ -20,11 +20,13 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 _hash() { sha256sum | cut -c1-16; }
+# pip without this machine's "WARNING: Location ... is ignored" noise (pipefail keeps pip's status)
+_pip() { python -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 _stamp_ok() { [ -f ".venv/.stamp-$1" ] && [ "$(cat ".venv/.stamp-$1")" = "$2" ]; }
 
 _torch_version() { python -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null; }
 if ! _torch_version >/dev/null; then
-    python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
+    _pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC:-torch==2.13.0}"
 fi
 echo "torch==$(_torch_version)" > .venv/.torch-constraint.txt
 
@@ -35,7 +37,7 @@ DEPS=(setuptools wheel ninja numpy tqdm pytest hypothesis scikit-learn matplotli
       mkdocs-material "mkdocstrings[python]")
 deps_key="$(printf '%s\n' "${DEPS[@]}" | cat - .venv/.torch-constraint.txt | _hash)"
 if ! _stamp_ok deps "$deps_key"; then
-    python -m pip install -q -c .venv/.torch-constraint.txt "${DEPS[@]}"
+    _pip install -q -c .venv/.torch-constraint.txt "${DEPS[@]}"
     echo "$deps_key" > .venv/.stamp-deps
 fi
 
