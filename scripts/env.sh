@@ -51,7 +51,7 @@ if ! _stamp_ok install "$install_key"; then
     fi
     echo "$install_key" > .venv/.stamp-install
 fi
-build_key="$(cat pyproject.toml setup.py csrc/*.h csrc/*.cuh csrc/*.cpp csrc/*.cu .venv/.torch-constraint.txt \
+build_key="$(cat pyproject.toml setup.py $(find csrc -type f | LC_ALL=C sort) .venv/.torch-constraint.txt \
              <(env | grep -E '^(LOOKAHEAD_EXT_NO_CUDA|LOOKAHEAD_EXT_NO_CPP|TORCH_CUDA_ARCH_LIST)=' || true) | _hash)"
 if [ "${LOOKAHEAD_EXT_NO_CPP:-0}" = 1 ]; then
     rm -f lookahead_ext/_C.*so lookahead_ext/_C_cuda.*so   # the explicit pure-Python opt-out
