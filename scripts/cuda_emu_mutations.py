@@ -3,10 +3,11 @@
 injected, one at a time, into a copy of csrc/; the emulated libraries are rebuilt from the copy
 and tests/test_cuda_emu.py must fail. Prints one row per mutant: caught or MISSED, and by what.
 
-    python scripts/cuda_emu_mutations.py [--only NAME ...] [--full] [--keep]
+    python scripts/cuda_emu_mutations.py [--only NAME ...] [--variants small default] [--full] [--keep]
 
---full runs the whole module (the native matrix re-run too); by default the stress tests
-(quicker, -x). Needs what the tests need (HIP-CPU, TBB, g++): see docs/cuda-emulation.md.
+By default each mutant gets the small-chunk build only (one compile) and the stress tests
+(-x); --variants default small builds both, --full runs the whole module (the native matrix
+re-run too). Needs what the tests need (HIP-CPU, TBB, g++): see docs/cuda-emulation.md.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ MUTANTS = {
 }
 
 
-def run_one(name: str, full: bool, workdir: str, log) -> tuple[str, float, str]:
+def run_one(name: str, full: bool, variants: list[str], workdir: str, log) -> tuple[str, float, str]:
     rel, old, new = MUTANTS[name]
     csrc = os.path.join(workdir, "csrc")
     shutil.rmtree(csrc, ignore_errors=True)
@@ -55,7 +56,8 @@ def run_one(name: str, full: bool, workdir: str, log) -> tuple[str, float, str]:
         return "STALE (pattern not found once: update MUTANTS)", 0.0, ""
     with open(path, "w") as fh:
         fh.write(text.replace(old, new))
-    env = dict(os.environ, LOOKAHEAD_EXT_EMU_CSRC=csrc, LOOKAHEAD_EXT_EMU_BUILD=os.path.join(workdir, "build"))
+    env = dict(os.environ, LOOKAHEAD_EXT_EMU_CSRC=csrc, LOOKAHEAD_EXT_EMU_BUILD=os.path.join(workdir, "build"),
+               LOOKAHEAD_EXT_EMU_VARIANTS=",".join(variants))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_cuda_emu.py", "-x"]
     if not full:
         cmd += ["-k", "not test_emu_"]
@@ -77,6 +79,7 @@ def run_one(name: str, full: bool, workdir: str, log) -> tuple[str, float, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=list(MUTANTS))
+    ap.add_argument("--variants", nargs="+", default=["small"], choices=["small", "default"])
     ap.add_argument("--full", action="store_true", help="run the whole test module, not only the stress tests")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (mutant sources and logs)")
     args = ap.parse_args(argv)
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
     with open(os.path.join(workdir, "log.txt"), "w") as log:
         print(f"{'mutant':40s} {'result':8s} {'secs':>5s}  first failing test")
         for name in args.only or MUTANTS:
-            verdict, secs, first = run_one(name, args.full, workdir, log)
+            verdict, secs, first = run_one(name, args.full, args.variants, workdir, log)
             missed += verdict != "caught"
             print(f"{name:40s} {verdict:8s} {secs:5.0f}  {first}", flush=True)
     print(f"{len(args.only or MUTANTS) - missed}/{len(args.only or MUTANTS)} mutants caught; log: {workdir}/log.txt")

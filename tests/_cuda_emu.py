@@ -25,7 +25,8 @@ except ImportError:  # an installed package without the source tree
     _build, WHY = None, "no source tree (scripts/build_cuda_emu.py)"
 
 NAME = "cuda_emu"
-VARIANTS = ("default", "small")
+# which builds the tests use (scripts/cuda_emu_mutations.py --variants small: one build per mutant)
+VARIANTS = tuple(os.environ.get("LOOKAHEAD_EXT_EMU_VARIANTS", "default,small").split(","))
 needs_emu = pytest.mark.skipif(WHY is not None, reason=f"emulated CUDA build unavailable: {WHY}")
 
 # UBSan (-fsanitize=alignment) reports go to files checked after each test (fixture ubsan_clean);
@@ -38,7 +39,7 @@ _built: dict[str, object] = {}
 _error: list[str] = []
 
 
-def ops(variant: str = "default"):
+def ops(variant: str = VARIANTS[0]):
     """torch.ops namespace of a variant, built (both variants, in parallel) and loaded on first
     use in this process; pytest.fail with the compiler output when the build fails."""
     with _lock:
@@ -55,7 +56,7 @@ def ops(variant: str = "default"):
     return _built[variant]
 
 
-def config(variant: str = "default") -> dict[str, int]:
+def config(variant: str = VARIANTS[0]) -> dict[str, int]:
     """The launch geometry the variant was compiled with (csrc/multi_tensor.cuh)."""
     vals = ops(variant).emu_config()
     keys = ("chunk", "threads", "max_blocks", "ilp", "table1", "table2", "table3", "table4", "table8")
@@ -67,13 +68,13 @@ def available() -> tuple[bool, str]:
     if WHY is not None:
         return False, WHY
     try:
-        ops("default")
+        ops()
     except BaseException as exc:  # pytest.fail's Failed is a BaseException
         return False, f"build failed: {str(exc)[:500]}"
     return True, "ok"
 
 
-def backend(variant: str = "default") -> ModuleType:
+def backend(variant: str = VARIANTS[0]) -> ModuleType:
     """An ops object with the reference signatures: a fresh copy of lookahead_ext.ops.native
     whose raw ops are the emulated ones; available()/supports() say CPU tensors of fp32/bf16/fp16."""
     from lookahead_ext.ops import native
@@ -92,7 +93,7 @@ def backend(variant: str = "default") -> ModuleType:
     return mod
 
 
-def route_native(monkeypatch, variant: str = "default") -> None:
+def route_native(monkeypatch, variant: str = VARIANTS[0]) -> None:
     """Make lookahead_ext.ops.native (backend "cpp") call the emulated ops for this test: the
     native op tests and every optimizer with backend="cpp" then run the CUDA kernels."""
     from lookahead_ext import ops as la_ops

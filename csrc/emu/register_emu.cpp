@@ -26,6 +26,9 @@ std::vector<int64_t> emu_config() {
   return {kChunk, kThreads, kMaxBlocks, kILP, MaxTensors<1>::value, MaxTensors<2>::value, MaxTensors<3>::value,
           MaxTensors<4>::value, MaxTensors<8>::value};
 }
+
+// Kernel launches made by this library so far.
+int64_t emu_launches() { return la::emu_launch_count().load(); }
 }  // namespace
 
 // one level of indirection so that LA_EMU_NS expands before TORCH_LIBRARY pastes it
@@ -35,6 +38,7 @@ std::vector<int64_t> emu_config() {
 LA_EMU_LIBRARY(LA_EMU_NS, m) {
   la::define_schemas(m);
   m.def("emu_config() -> int[]", &emu_config);
+  m.def("emu_launches() -> int", &emu_launches);
 }
 
 LA_EMU_LIBRARY_IMPL(LA_EMU_NS, m) { la::cuda::register_ops(m); }
