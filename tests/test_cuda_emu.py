@@ -181,7 +181,8 @@ def test_one_tensor_over_max_blocks_small_build():
 
 
 # ----------------------------------------------------------------------------- stress: perturb_
-@pytest.mark.parametrize("variant", VARIANTS)
+# the dtype handling is the same code in every geometry: the small build (cheap) runs the 27
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v == "small"] or VARIANTS[:1])
 @pytest.mark.parametrize("ot", list(DTYPES))
 @pytest.mark.parametrize("bt", list(DTYPES))
 @pytest.mark.parametrize("dt", list(DTYPES))
@@ -260,7 +261,7 @@ def _combine(b, sizes, pt, gt, base, off, with_v=True, seed=0):
         torch.testing.assert_close(vsq_a, vsq_b, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v == "small"] or VARIANTS[:1])
 @pytest.mark.parametrize("pt", list(DTYPES))
 @pytest.mark.parametrize("gt", list(DTYPES))
 @pytest.mark.parametrize("base", list(_BASES))
