@@ -70,7 +70,9 @@ def _extensions():
             "lookahead_ext._C_cuda", [s for s in cpp if s.endswith("_cuda.cpp")] + cu,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": ["-O3", "-std=c++20"],
-                                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]}, **abi))
+                                # --fmad=false: no multiply-add contraction, as the CPU
+                                # kernels, the Triton kernels and the reference
+                                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--fmad=false"]}, **abi))
     else:
         print("lookahead_ext: building the CPU extension only (torch without CUDA, no nvcc, "
               "or LOOKAHEAD_EXT_NO_CUDA set)")

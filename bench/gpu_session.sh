@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session: build the CUDA extension in place, run the test suite on the GPU, run the
-# GPU benchmarks. Usage: bash bench/gpu_session.sh [build|test|bench|all] ...
+# GPU benchmarks. Usage: bash bench/gpu_session.sh [build|test|bench|all|emu] ...
+# The tests run the real CUDA kernels (-m cuda tests included) and leave out the emulated ones
+# (-m "not cuda_emu": the same kernels on the CPU through HIP-CPU, docs/cuda-emulation.md; they
+# are CI's and only cost GPU time here); `emu` runs those alone (needs HIP-CPU and TBB).
 # Logs and results go to $OUT (the device tool's result folder) or bench/results/gpu/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -53,8 +56,8 @@ run_tests() {
     local t0=$SECONDS
     local par=()
     "$PY" -c "import xdist" 2>/dev/null && par=(-n "${XDIST:-8}")
-    timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE "${par[@]}" "$@" \
-        > "$OUT/tests.log" 2>&1
+    timeout "${TEST_TIMEOUT:-400}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE -m "not cuda_emu" "${par[@]}" \
+        "$@" > "$OUT/tests.log" 2>&1
     echo "tests rc=$? in $((SECONDS - t0)) s"
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
@@ -78,6 +81,9 @@ case "$what" in
     test) build && run_tests "$@" ;;
     bench) build && bench ;;
     all) build && run_tests "$@"; bench ;;
+    emu) t0=$SECONDS; "$PY" scripts/build_cuda_emu.py > "$OUT/emu.log" 2>&1
+        "$PY" -m pytest tests/test_cuda_emu.py -q -p no:cacheprovider -rfE >> "$OUT/emu.log" 2>&1
+        echo "emu rc=$? in $((SECONDS - t0)) s"; tail -3 "$OUT/emu.log" ;;
     triton) build; run_tests tests/test_triton_ops.py tests/test_triton_optim.py tests/test_triton_compile.py
         "$PY" bench/bench_triton.py --out "$OUT" > "$OUT/bench_triton.log" 2>&1; echo "bench_triton rc=$?"
         tail -40 "$OUT/bench_triton.log"

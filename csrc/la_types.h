@@ -75,7 +75,9 @@ LA_HD float to_f(f16 v) {
 LA_HD float cvt(float f, float) { return f; }
 LA_HD bf16 cvt(float f, bf16) {
 #if defined(__CUDA_ARCH__)
-  return bf16{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
+  // a NaN becomes the host's 0x7fc0 (the intrinsic gives 0x7fff): both devices store the same bits
+  return bf16{(bits_of(f) & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>(0x7fc0u)
+                                                        : __bfloat16_as_ushort(__float2bfloat16_rn(f))};
 #else
   const uint32_t u = bits_of(f);
   const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even

@@ -14,15 +14,41 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+// A kernel launch: <<<>>> under nvcc; the emulated build (csrc/emu/, HIP-CPU on the host)
+// defines LA_CUDA_EMU and launches through HIP-CPU. `kernel` is one token (a function
+// pointer variable when the kernel is a template with several arguments).
+#if defined(LA_CUDA_EMU)
+#define LA_LAUNCH(kernel, grid, block, stream, ...) hipLaunchKernelGGL(kernel, grid, block, 0, stream, __VA_ARGS__)
+#else
+#define LA_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
+// The launch geometry, overridable at compile time: the emulated tests build a second
+// library with tiny chunks and tables so that multi-launch splits happen on small tensors.
+#ifndef LA_CUDA_CHUNK
+#define LA_CUDA_CHUNK 65536
+#endif
+#ifndef LA_CUDA_THREADS
+#define LA_CUDA_THREADS 512
+#endif
+#ifndef LA_CUDA_MAX_BLOCKS
+#define LA_CUDA_MAX_BLOCKS 320
+#endif
 
 namespace la {
 namespace cuda {
 
-constexpr int64_t kChunk = 65536;  // elements per block
-constexpr int kThreads = 512;      // threads per block
-constexpr int kILP = 4;            // elements per thread per iteration (one vector load)
-constexpr int kMaxBlocks = 320;
+constexpr int64_t kChunk = LA_CUDA_CHUNK;  // elements per block
+constexpr int kThreads = LA_CUDA_THREADS;  // threads per block
+constexpr int kMaxBlocks = LA_CUDA_MAX_BLOCKS;
+constexpr int kVecBytes = 16;  // one 128-bit access
+constexpr int kILP = 8;        // elements per thread per step: one vector of a 16-bit type, two of float
+static_assert(kChunk % kILP == 0, "a chunk is a whole number of kILP groups (keeps vectors aligned)");
+static_assert(kThreads > 0 && (kThreads & (kThreads - 1)) == 0, "block_sum's tree needs a power of two");
+static_assert(kMaxBlocks >= 1, "at least one block per launch");
 
 template <int DEPTH>
 struct MaxTensors {
@@ -63,25 +89,37 @@ __device__ __forceinline__ T* at_chunk(const Table<DEPTH>& tab, int list, const 
   return static_cast<T*>(tab.addr[list][l.slot]) + l.start;
 }
 
+// The global chunk index of this block and, for per-tensor reductions, the record of which
+// tensor (index in the op's list) it belongs to: chunk_tensor is non-decreasing in the
+// chunk index, so a reduction finds each tensor's chunk range on the device (no host table).
+template <int DEPTH>
+__device__ __forceinline__ int64_t global_chunk(const Table<DEPTH>& tab, int32_t* chunk_tensor, const Loc& l) {
+  const int64_t g = tab.block_base + blockIdx.x;
+  if (chunk_tensor != nullptr && threadIdx.x == 0) chunk_tensor[g] = tab.tensor_id[l.slot];
+  return g;
+}
+
 template <int DEPTH, class F>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(Table<DEPTH> tab, F f) {
   f(tab);
 }
 
 // Chunk order: tensor by tensor, chunk by chunk, skipping empty tensors. Global chunk g
-// of a launch is tab.block_base + blockIdx.x; chunk_offsets() gives each tensor's range.
-inline std::vector<int64_t> chunk_offsets(const std::vector<int64_t>& numels) {
-  std::vector<int64_t> off(numels.size() + 1, 0);
-  for (size_t t = 0; t < numels.size(); ++t) off[t + 1] = off[t] + (numels[t] + kChunk - 1) / kChunk;
-  return off;
+// of a launch is tab.block_base + blockIdx.x.
+inline int64_t total_chunks(const std::vector<int64_t>& numels) {
+  int64_t c = 0;
+  for (const int64_t n : numels) c += (n + kChunk - 1) / kChunk;
+  return c;
 }
 
-// lists[d][t]: pointer of tensor t in list d (nullptr for an absent list).
+// lists[d][t]: pointer of tensor t in list d (nullptr for an absent list). A tensor of
+// numel 0 is skipped (callers zero the numels of tensors another launch series handles).
 template <int DEPTH, class F>
 void multi_tensor_apply(const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& numels,
                         const F& f, cudaStream_t stream) {
   static_assert(sizeof(Table<DEPTH>) + sizeof(F) <= 4000, "kernel arguments exceed the 4 KB limit");
   using Tab = Table<DEPTH>;
+  auto* kernel = &multi_tensor_kernel<DEPTH, F>;
   Tab tab;
   tab.block_base = 0;
   int nt = 0, nb = 0;
@@ -103,7 +141,7 @@ void multi_tensor_apply(const std::vector<std::vector<void*>>& lists, const std:
       ++nb;
       const bool tensor_done = c == chunks - 1;
       if (nb == kMaxBlocks || (nt == Tab::kT && tensor_done) || (t == last && tensor_done)) {
-        multi_tensor_kernel<DEPTH, F><<<nb, kThreads, 0, stream>>>(tab, f);
+        LA_LAUNCH(kernel, nb, kThreads, stream, tab, f);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         global += nb;
         tab.block_base = global;
@@ -122,56 +160,110 @@ void multi_tensor_apply(const std::vector<std::vector<void*>>& lists, const std:
 }
 
 // ---------------------------------------------------------------- vector loads
-// kILP consecutive elements per thread: one aligned vector access when every pointer of
-// the chunk is aligned (VEC), else element by element with bounds checks.
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
+// Each thread moves kILP consecutive elements per step. Whether a list moves them as
+// 16-byte vectors is decided per list (one misaligned list leaves the others vectorized):
+// a Ptr carries its pointer and whether it is 16-byte aligned; a group that reaches past
+// the chunk's end (the tail of a tensor) goes element by element with bounds checks.
+template <class T>
+struct Ptr {
+  T* p;
+  bool vec;  // 16-byte aligned (chunk starts are kILP-element multiples, so every group is)
+};
+
+__device__ __forceinline__ bool vec_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+
+template <class T>
+__device__ __forceinline__ Ptr<T> ptr(T* p) {
+  return Ptr<T>{p, vec_aligned(p)};
+}
+
+template <class T>
+struct alignas(kVecBytes) Vec {
+  static constexpr int N = kVecBytes / static_cast<int>(sizeof(T));
   T v[N];
 };
 
-template <bool VEC, class T>
-__device__ __forceinline__ void load(const T* p, int64_t i, int64_t len, float (&out)[kILP]) {
-  if (VEC) {
-    const Pack<T, kILP> pk = *reinterpret_cast<const Pack<T, kILP>*>(p + i);
-#pragma unroll
-    for (int j = 0; j < kILP; ++j) out[j] = to_f(pk.v[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kILP; ++j) out[j] = i + j < len ? to_f(p[i + j]) : 0.0f;
-  }
+template <class T>
+__device__ __forceinline__ bool whole_vec(const Ptr<T>& s, int64_t i, int64_t len) {
+  return s.vec && i + kILP <= len;
 }
 
-template <bool VEC, class T>
-__device__ __forceinline__ void store(T* p, int64_t i, int64_t len, const float (&in)[kILP]) {
-  if (VEC) {
-    Pack<T, kILP> pk;
+template <class T>
+__device__ __forceinline__ void load(const Ptr<T>& s, int64_t i, int64_t len, float (&out)[kILP]) {
+  using U = std::remove_const_t<T>;
+  if (whole_vec(s, i, len)) {
+    constexpr int N = Vec<U>::N;
+    static_assert(kILP % N == 0, "kILP holds whole vectors");
 #pragma unroll
-    for (int j = 0; j < kILP; ++j) pk.v[j] = from_f<T>(in[j]);
-    *reinterpret_cast<Pack<T, kILP>*>(p + i) = pk;
+    for (int k = 0; k < kILP / N; ++k) {
+      const Vec<U> pk = reinterpret_cast<const Vec<U>*>(s.p + i)[k];
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[k * N + j] = to_f(pk.v[j]);
+    }
   } else {
 #pragma unroll
-    for (int j = 0; j < kILP; ++j) {
-      if (i + j < len) p[i + j] = from_f<T>(in[j]);
-    }
+    for (int j = 0; j < kILP; ++j) out[j] = i + j < len ? to_f(s.p[i + j]) : 0.0f;
   }
 }
 
 template <class T>
-__device__ __forceinline__ bool aligned(const T* p) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kILP) == 0;
+__device__ __forceinline__ void store(const Ptr<T>& s, int64_t i, int64_t len, const float (&in)[kILP]) {
+  if (whole_vec(s, i, len)) {
+    constexpr int N = Vec<T>::N;
+#pragma unroll
+    for (int k = 0; k < kILP / N; ++k) {
+      Vec<T> pk;
+#pragma unroll
+      for (int j = 0; j < N; ++j) pk.v[j] = from_f<T>(in[k * N + j]);
+      reinterpret_cast<Vec<T>*>(s.p + i)[k] = pk;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) {
+      if (i + j < len) s.p[i + j] = from_f<T>(in[j]);
+    }
+  }
 }
 
-// Runs body.template step<VEC>(i) for i = 0, kILP, 2 kILP, ... < len over the block's
-// threads; VEC = true when the chunk is a whole number of aligned vectors.
+// A list whose dtype is a run-time value (la_types.h's dtype_code: 0 float32, 1 bfloat16, 2
+// float16): one kernel serves every dtype combination of an op instead of one instantiation
+// per combination (the branch is uniform over the grid). Lists that are always float32
+// (masters, optimizer state, v, slow weights) stay typed (Ptr<float>).
+struct AnyPtr {
+  void* p;
+  int code;
+  bool vec;
+};
+
+template <int DEPTH>
+__device__ __forceinline__ AnyPtr any_at(const Table<DEPTH>& tab, int list, const Loc& l, int code) {
+  char* base = static_cast<char*>(tab.addr[list][l.slot]);
+  void* p = base ? base + l.start * (code == 0 ? 4 : 2) : nullptr;
+  return AnyPtr{p, code, vec_aligned(p)};
+}
+
+__device__ __forceinline__ void load(const AnyPtr& s, int64_t i, int64_t len, float (&out)[kILP]) {
+  if (s.code == 1) load(Ptr<const bf16>{static_cast<const bf16*>(s.p), s.vec}, i, len, out);
+  else if (s.code == 2) load(Ptr<const f16>{static_cast<const f16*>(s.p), s.vec}, i, len, out);
+  else load(Ptr<const float>{static_cast<const float*>(s.p), s.vec}, i, len, out);
+}
+
+__device__ __forceinline__ void store(const AnyPtr& s, int64_t i, int64_t len, const float (&in)[kILP]) {
+  if (s.code == 1) store(Ptr<bf16>{static_cast<bf16*>(s.p), s.vec}, i, len, in);
+  else if (s.code == 2) store(Ptr<f16>{static_cast<f16*>(s.p), s.vec}, i, len, in);
+  else store(Ptr<float>{static_cast<float*>(s.p), s.vec}, i, len, in);
+}
+
+// The value a float becomes when stored in dtype `code` and read back.
+__device__ __forceinline__ float stored(int code, float x) {
+  return code == 1 ? to_f(from_f<bf16>(x)) : code == 2 ? to_f(from_f<f16>(x)) : x;
+}
+
+// Runs body.step(i) for i = 0, kILP, 2 kILP, ... < len over the block's threads.
 template <class Body>
-__device__ __forceinline__ void for_ilp(int64_t len, bool all_aligned, const Body& body) {
-  if (all_aligned && len % kILP == 0) {
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kILP; i < len; i += static_cast<int64_t>(blockDim.x) * kILP)
-      body.template step<true>(i);
-  } else {
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kILP; i < len; i += static_cast<int64_t>(blockDim.x) * kILP)
-      body.template step<false>(i);
-  }
+__device__ __forceinline__ void for_ilp(int64_t len, const Body& body) {
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kILP; i < len; i += static_cast<int64_t>(blockDim.x) * kILP)
+    body.step(i);
 }
 
 }  // namespace cuda

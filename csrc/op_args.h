@@ -63,7 +63,8 @@ inline Combine make_combine(at::ArrayRef<double> coefs, at::IntArrayRef flags, b
 // f[i]. t is empty (all host floats) or holds 4 optional tensors.
 using OptTensors = c10::List<c10::optional<at::Tensor>>;
 
-inline void check_vcoefs(const OptTensors& t, at::ArrayRef<double> f, const at::Device& dev) {
+// host_ok: a CPU tensor is also accepted (the CUDA op reads it on the host once).
+inline void check_vcoefs(const OptTensors& t, at::ArrayRef<double> f, const at::Device& dev, bool host_ok = false) {
   TORCH_CHECK(f.size() == 4, "combine_step_: v_coefs_f must have 4 entries (bv, a0, a+, a-)");
   TORCH_CHECK(t.size() == 0 || t.size() == 4, "combine_step_: v_coefs_t must be empty or hold 4 entries");
   for (size_t i = 0; i < t.size(); ++i) {
@@ -71,7 +72,8 @@ inline void check_vcoefs(const OptTensors& t, at::ArrayRef<double> f, const at::
     if (!x) continue;
     TORCH_CHECK(x->scalar_type() == at::kFloat && x->numel() == 1,
                 "combine_step_: v_coefs tensors must be float32 with one element");
-    TORCH_CHECK(x->device() == dev, "combine_step_: v_coefs tensor is on ", x->device(), ", expected ", dev);
+    TORCH_CHECK(x->device() == dev || (host_ok && x->is_cpu()), "combine_step_: v_coefs tensor is on ",
+                x->device(), ", expected ", dev);
   }
 }
 
@@ -118,13 +120,15 @@ inline std::vector<int64_t> list_bounds(at::IntArrayRef list_sizes, int64_t n) {
   return b;
 }
 
+// host_ok: a CPU tensor is also accepted (the CUDA op reads it on the host once).
 inline void check_scalar(const c10::optional<at::Tensor>& t, const char* op, const char* name,
-                         const at::Device& dev) {
+                         const at::Device& dev, bool host_ok = false) {
   if (t) {
     TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, op, ": ", name,
                 " must be a float32 tensor with one element, got ", t->scalar_type(), " ",
                 t->sizes());
-    TORCH_CHECK(t->device() == dev, op, ": ", name, " is on ", t->device(), ", expected ", dev);
+    TORCH_CHECK(t->device() == dev || (host_ok && t->is_cpu()), op, ": ", name, " is on ", t->device(),
+                ", expected ", dev);
   }
 }
 

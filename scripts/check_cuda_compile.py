@@ -35,7 +35,7 @@ def find_nvcc(explicit: str | None = None) -> str | None:
 def command(nvcc: str, src: str, out: str, archs: list[str]) -> list[str]:
     import torch
     from torch.utils.cpp_extension import include_paths
-    cmd = [nvcc, "-c", src, "-o", out, "-std=c++20", "-O2", "--expt-relaxed-constexpr",
+    cmd = [nvcc, "-c", src, "-o", out, "-std=c++20", "-O2", "--expt-relaxed-constexpr", "--fmad=false",
            "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            "-DTORCH_EXTENSION_NAME=_C_cuda", "-I", os.path.join(ROOT, "csrc")]
     for inc in include_paths():
