@@ -69,3 +69,16 @@ def batch():
 @pytest.fixture
 def closure(model, batch):
     return mse_closure(model, *batch)
+
+
+# hypothesis profiles (tests/test_ops_fuzz.py): bounded by default, `--hypothesis-profile=deep` for long runs
+try:
+    from hypothesis import HealthCheck, settings as _hsettings
+
+    _hsettings.register_profile("default", max_examples=15, deadline=None, derandomize=True,
+                                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    _hsettings.register_profile("deep", max_examples=2000, deadline=None,
+                                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    _hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # hypothesis is a test dependency; without it the fuzz tests are not collected
+    pass

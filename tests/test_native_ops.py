@@ -344,3 +344,27 @@ def test_cpu_and_meta_tensors_in_one_call_raise():
         reference.multi_dot([[cpu, meta]], [(0, 0)])
     # all-meta calls still trace (shapes only)
     assert native.multi_dot([[meta]], [(0, 0)]).device.type == "meta"
+
+
+# a second instance of the native wrappers over the same torch ops, registered as a new backend
+TWIN = native.NativeBackend("native_twin", "lookahead_ext", {"cpu": ("lookahead_ext._C",)})
+
+
+@needs_cpp
+def test_a_registered_backend_becomes_a_row_of_the_matrix():
+    """The registry is extensible: one register_backend call gives a backend= name, an
+    available_backends entry and a row that the conformance body runs."""
+    ops.register_backend("native_twin", "test_native_ops:TWIN")
+    try:
+        assert "native_twin" in ops.BACKENDS and ops.available_backends()["native_twin"] == "ok"
+        assert ("native_twin", "cpu") in ops.backend_rows()
+        assert ops.sq_norm([torch.ones(3)], backend="native_twin").item() == 3.0
+        row = next(r for r in present_rows() if r.backend == "native_twin")
+        for op in op_db:
+            for sample in op.sample_inputs(row, torch.float32, "one"):
+                run_sample(TWIN, op.name, sample, row)
+    finally:
+        ops.unregister_backend("native_twin")
+    assert "native_twin" not in ops.BACKENDS
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.sq_norm([torch.ones(3)], backend="native_twin")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lookahead_ext import ops
+from lookahead_ext.ops.backend import OP_NAMES
 
 from conftest import mse_closure, small_batch, small_model
 from op_db import DT_IDS, DTYPES
@@ -143,7 +144,7 @@ def test_backend_is_really_used(backend, monkeypatch):
     """Guard against a silent fallback: every op of a CMLR step goes through the row's backend."""
     impl = ops.resolve(backend.backend, torch.device(backend.device), torch.float32)
     calls = []
-    for name in ("multi_dot", "perturb_", "combine_step_", "lookahead_sync_", "nonfinite_"):
+    for name in OP_NAMES:
         fn = getattr(impl, name)
         monkeypatch.setattr(impl, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
     ops.clear_dispatch_cache()
