@@ -101,7 +101,7 @@ def usable_backends(device: str, dtype) -> list[str]:
     from lookahead_ext import ops
     out = []
     for name, status in ops.available_backends().items():
-        if status != "ok":
+        if status != "ok" or name == "native":  # measured under its aliases "cpp" / "cuda" (result labels)
             continue
         try:
             mod = ops.resolve(name, torch.device(device), dtype)

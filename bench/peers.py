@@ -194,13 +194,13 @@ def fused_ops_only(step):
     made none (reference or Triton path). Its time is the floor of our step: what is left
     with zero Python in the engine, so peer time / this time bounds what any host-side
     work could still gain."""
-    from lookahead_ext.ops import native
-    rec, saved = _OpRecorder(native._ops()), native._ops
-    native._ops = lambda: rec
+    from lookahead_ext.ops.native import NATIVE
+    rec = _OpRecorder(NATIVE._lib())
+    NATIVE._lib = lambda: rec  # an instance attribute shadows the method
     try:
         step()
     finally:
-        native._ops = saved
+        del NATIVE._lib
     calls = rec.calls
     if not calls:
         return None

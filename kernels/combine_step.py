@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lookahead_ext.ops.base_step import ADAMW
+from lookahead_ext.ops.helpers import check_combine_extras
 
 from . import _mta
 
@@ -182,7 +183,6 @@ def _present(coef, lst) -> bool:
 
 def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
                   v_sq_out=None, write_masters=True) -> None:
-    from lookahead_ext.ops.reference import check_combine_extras
     check_combine_extras(params, masters, v, v_sq_out, write_masters)
     if not params:
         return
@@ -211,8 +211,16 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
     dev = prep.device
     sargs = [_mta.scalar_arg(x, dev, p.seg) for x in (bv, a0, ap, am)]
     cfg = _mta.CONFIG
-    lr = float(base.lr)
-    wd = float(base.weight_decay)
+    # the one host-side packing of the base step (BaseStep.kernel_args), unpacked per kind
+    _, hyper, _ = base.kernel_args()
+    has_wd = float(base.weight_decay) != 0.0
+    if adam:
+        lr = wd = momentum = one_minus_damp = 0.0
+        decay, lerp_w, beta2, one_minus_beta2, eps, step_size, bc2_sqrt = hyper
+    else:
+        lr, wd, momentum, dampening = hyper
+        one_minus_damp = 1.0 - dampening
+        decay = lerp_w = beta2 = one_minus_beta2 = eps = step_size = bc2_sqrt = 0.0
     for g in p.groups:
         for s in (_W, _V, _S1, _S2):
             if g.dtypes[s] not in (None, torch.float32):
@@ -222,13 +230,12 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
                 g.table, work, c0, cp, cm,
                 sargs[0][0], sargs[1][0], sargs[2][0], sargs[3][0],
                 sargs[0][1], sargs[1][1], sargs[2][1], sargs[3][1],
-                lr, wd, float(base.momentum), 1.0 - float(base.dampening),
-                1.0 - lr * wd, 1.0 - float(base.beta1), float(base.beta2), 1.0 - float(base.beta2),
-                lr / base.bias_correction1, base.bias_correction2 ** 0.5, float(base.eps),
+                lr, wd, momentum, one_minus_damp,
+                decay, lerp_w, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
                 P_DT=_mta.tl_dtype(g.dtypes[_P]), G0_DT=_mta.tl_dtype(g.dtypes[_G0]),
                 GP_DT=_mta.tl_dtype(g.dtypes[_GP]), GM_DT=_mta.tl_dtype(g.dtypes[_GM]),
                 BV_PTR=sargs[0][2], A0_PTR=sargs[1][2], AP_PTR=sargs[2][2], AM_PTR=sargs[3][2],
-                ADAM=adam, HAS_WD=wd != 0.0, MOMENTUM=base.uses_momentum,
+                ADAM=adam, HAS_WD=has_wd, MOMENTUM=base.uses_momentum,
                 NESTEROV=bool(base.nesterov), FIRST=bool(base.first), WRITE_W=write_w,
                 FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion, **flags)
     prep.finish()

@@ -17,76 +17,78 @@ the same signatures and is tested against the reference):
   AMP unscale; ``sq_norms=True`` returns [flag, ||lists[0]||^2, ...] (float32 [1 + len]) from
   the same read of the data.
 
-Backends: "reference" (pure PyTorch), "cpp" (fused C++ CPU kernels, csrc/), "cuda"
-(CUDA kernels, csrc/), "triton" (kernels/). "auto" picks, per call, by device and dtype:
-CPU -> "cpp" when the extension is built, else "reference"; CUDA -> the order in
-AUTO_CUDA_ORDER (set from the benchmark, see README), else "reference"; float64 and
-other dtypes a backend does not support fall back to "reference" under "auto" only.
-An explicitly requested backend that is unavailable raises BackendUnavailable naming
-what is missing. The (backend, device type, dtype) -> module decision is cached; the cache
-key includes AUTO_CUDA_ORDER and the backend module table, so changing either takes effect
-on the next call; `clear_dispatch_cache()` forgets it (e.g. after building the extension).
+Backends (docs/backends.md): "reference" (pure PyTorch, the oracle), "native" (the compiled
+csrc/ extension: CPU kernels, CUDA kernels when built; "cpp" and "cuda" are accepted aliases
+restricted to CPU / CUDA tensors), "triton" (kernels/). "auto" picks, per call, by device and
+dtype: the first available backend of AUTO_CPU_ORDER / AUTO_CUDA_ORDER that supports the
+tensors, else "reference" (float64 always goes to the reference under "auto"). An explicitly
+requested backend that cannot take the tensors raises BackendUnavailable naming why.
+`register_backend` adds a backend (a `Backend`, see backend.py). The (backend, device type,
+dtype) -> implementation decision is cached; the cache key includes the AUTO_* orders and
+the registry version; `clear_dispatch_cache()` forgets it (e.g. after building the extension).
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import backend as _registry
 from . import reference
+from .backend import Backend, BackendUnavailable
 from .base_step import ADAMW, BASES, SGD, BaseStep
 
 __all__ = [
-    "BACKENDS", "AUTO_CUDA_ORDER", "BackendUnavailable", "BaseStep", "SGD", "ADAMW", "BASES",
-    "resolve", "clear_dispatch_cache", "available_backends", "multi_dot", "perturb_", "combine_step_",
-    "lookahead_sync_", "nonfinite_", "sq_norm",
+    "BACKENDS", "AUTO_CPU_ORDER", "AUTO_CUDA_ORDER", "Backend", "BackendUnavailable", "BaseStep", "SGD",
+    "ADAMW", "BASES", "register_backend", "unregister_backend", "resolve", "clear_dispatch_cache",
+    "available_backends", "backend_rows", "multi_dot", "perturb_", "combine_step_", "lookahead_sync_",
+    "nonfinite_", "sq_norm",
 ]
 
-BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+
+
+def register_backend(name: str, target: str, *, alias_of: Optional[str] = None,
+                     devices: Optional[Sequence[str]] = None) -> None:
+    """Add a backend row: `target` is "module.path:attribute" of a `Backend` (imported on first
+    use); an alias row stands for `alias_of`, optionally restricted to some device types."""
+    global BACKENDS
+    _registry.register_backend(name, target, alias_of=alias_of, devices=devices)
+    BACKENDS = _registry.backend_names()
+
+
+def unregister_backend(name: str) -> None:
+    global BACKENDS
+    _registry.unregister_backend(name)
+    BACKENDS = _registry.backend_names()
+
+
+register_backend("native", "lookahead_ext.ops.native:NATIVE")
+register_backend("cpp", "lookahead_ext.ops.native:NATIVE", alias_of="native", devices=("cpu",))
+register_backend("cuda", "lookahead_ext.ops.native:NATIVE", alias_of="native", devices=("cuda",))
+register_backend("triton", "lookahead_ext.ops.triton_backend")
+AUTO_CPU_ORDER = ("native",)
 # Which fused backend "auto" prefers on CUDA tensors. Meant to be set from bench/bench_triton.py
 # and bench/bench_native.py on a GPU (the winner on 64M params in 200 tensors goes first). No GPU
 # has been lent to this project yet, so this is a provisional order: the CUDA extension first
 # (no JIT compile on first use, no per-call pointer-table build), Triton when it is not built.
-AUTO_CUDA_ORDER = ("cuda", "triton")
-
-# backend name -> module path implementing the op functions plus
-# `available() -> (bool, reason)` and `supports(device, dtype) -> bool`.
-_MODULES = {
-    "cpp": "lookahead_ext.ops.native",
-    "cuda": "lookahead_ext.ops.native",
-    "triton": "lookahead_ext.ops.triton_backend",
-}
-
-
-class BackendUnavailable(RuntimeError):
-    """Raised when an explicitly requested backend cannot run here."""
-
-
-def _load(name: str):
-    """Import a fast backend module; return (module or None, reason)."""
-    try:
-        mod = importlib.import_module(_MODULES[name])
-    except Exception as exc:  # ImportError, or a broken build raising anything on import
-        return None, f"{_MODULES[name]} could not be imported ({type(exc).__name__}: {exc})"
-    ok, reason = mod.available(name)
-    return (mod if ok else None), reason
+AUTO_CUDA_ORDER = ("native", "triton")
 
 
 def available_backends() -> dict[str, str]:
-    """Map each backend name to 'ok' or the reason it is unavailable."""
+    """Map each backend name (aliases included) to 'ok' or the reason it is unavailable."""
     out = {"reference": "ok"}
-    for name in ("cpp", "cuda", "triton"):
-        mod, reason = _load(name)
-        out[name] = "ok" if mod is not None else reason
+    for name in _registry.REGISTRY:
+        out[name] = _registry.status(name)[1]
     return out
 
 
-def _check_backend_name(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def backend_rows() -> list[tuple[str, str]]:
+    """(backend, device type) pairs that can run on this machine: the rows of the test matrix
+    (aliases left out: they are the same implementation)."""
+    return [(name, dt) for name, e in _registry.REGISTRY.items() if e.alias_of is None
+            for dt in _registry.present(name)]
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,30 +108,31 @@ def _warn_reference_fallback(device: torch.device, reasons: list) -> None:
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype):
-    """Return the module implementing the ops for tensors on `device` of `dtype`."""
-    _check_backend_name(backend)
+    """Return the implementation of the ops for tensors on `device` of `dtype`."""
+    _registry.check_backend_name(backend)
     if backend == "reference":
         return reference
+    dt = device.type
     if backend == "auto":
-        order = ("cpp",) if device.type == "cpu" else AUTO_CUDA_ORDER if device.type == "cuda" else ()
+        order = AUTO_CPU_ORDER if dt == "cpu" else AUTO_CUDA_ORDER if dt == "cuda" else ()
         missing = []
         for name in order:
-            mod, reason = _load(name)
-            if mod is None:
+            impl, reason = _registry.status(name, dt)
+            if impl is None:
                 missing.append(reason)
-            elif mod.supports(name, device, dtype):
-                return mod
+            elif impl.supports(device, dtype):
+                return impl
         if missing and dtype in _FUSED_DTYPES:
             _warn_reference_fallback(device, missing)
         return reference
-    mod, reason = _load(backend)
-    if mod is None:
+    impl, reason = _registry.status(backend, dt)
+    if impl is None:
         raise BackendUnavailable(f"backend={backend!r} is unavailable: {reason}. "
                                  "Use backend='reference' or 'auto'.")
-    if not mod.supports(backend, device, dtype):
+    if not impl.supports(device, dtype):
         raise BackendUnavailable(f"backend={backend!r} does not support {dtype} tensors on "
                                  f"{device}; use backend='auto' to fall back to the reference path.")
-    return mod
+    return impl
 
 
 _DISPATCH: dict = {}
@@ -142,15 +145,14 @@ def clear_dispatch_cache() -> None:
 
 def _impl(backend: str, first: Optional[Tensor]):
     if first is None:
-        _check_backend_name(backend)
+        _registry.check_backend_name(backend)
         return reference
-    key = (backend, first.device.type, first.dtype, AUTO_CUDA_ORDER,
-           _MODULES["cpp"], _MODULES["cuda"], _MODULES["triton"])
-    mod = _DISPATCH.get(key)
-    if mod is None:
-        mod = resolve(backend, first.device, first.dtype)  # raises: nothing cached
-        _DISPATCH[key] = mod
-    return mod
+    key = (backend, first.device.type, first.dtype, AUTO_CPU_ORDER, AUTO_CUDA_ORDER, _registry.VERSION[0])
+    impl = _DISPATCH.get(key)
+    if impl is None:
+        impl = resolve(backend, first.device, first.dtype)  # raises: nothing cached
+        _DISPATCH[key] = impl
+    return impl
 
 
 def _first(*lists) -> Optional[Tensor]:

@@ -19,15 +19,29 @@ AdamW (torch.optim.AdamW semantics, decoupled weight decay)::
     w   <- w - lr / (1 - beta1**step) * m / (sqrt(s) / sqrt(1 - beta2**step) + eps)
 
 All values are host scalars: kernels take them as runtime arguments, so a new lr
-(an lr scheduler) never recompiles anything.
+(an lr scheduler) never recompiles anything. `BaseStep.kernel_args()` is the one host-side
+packing of them that every fused backend (csrc/ and kernels/) reads.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SGD = "sgd"
 ADAMW = "adamw"
 BASES = (SGD, ADAMW)
+
+
+class KernelArgs(NamedTuple):
+    """The base step as the kernels take it (derived in double precision on the host).
+
+    kind: 0 = SGD, 1 = AdamW. hyper, SGD: (lr, weight_decay, momentum, dampening);
+    AdamW: (1 - lr*weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / bias_correction1,
+    sqrt(bias_correction2)). flags, SGD: (nesterov, first); AdamW: (0, 0).
+    """
+    kind: int
+    hyper: tuple
+    flags: tuple
 
 
 @dataclass(frozen=True)
@@ -69,3 +83,12 @@ class BaseStep:
         if self.kind == ADAMW:
             return ("exp_avg", "exp_avg_sq")
         return ("momentum_buffer",) if self.uses_momentum else ()
+
+    def kernel_args(self) -> KernelArgs:
+        """The host scalars of this step in the layout of csrc/op_args.h (see KernelArgs)."""
+        if self.kind == ADAMW:
+            hyper = (1.0 - self.lr * self.weight_decay, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2,
+                     self.eps, self.lr / self.bias_correction1, self.bias_correction2 ** 0.5)
+            return KernelArgs(1, tuple(float(x) for x in hyper), (0, 0))
+        hyper = (self.lr, self.weight_decay, self.momentum, self.dampening)
+        return KernelArgs(0, tuple(float(x) for x in hyper), (int(self.nesterov), int(self.first)))

@@ -17,17 +17,15 @@ import torch
 from torch import Tensor
 
 from .base_step import ADAMW, BaseStep
+from .helpers import (TensorList, check_combine_extras, check_same_length, check_scale, compute_dtype,
+                      linear_combination)
+from .helpers import upcast as _up
 
-TensorList = Sequence[Tensor]
 Scalar = "float | Tensor"
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _up(ts: TensorList, dtype: torch.dtype) -> list[Tensor]:
-    return [t if t.dtype == dtype else t.to(dtype) for t in ts]
+__all__ = ["multi_dot", "perturb_", "combine_step_", "lookahead_sync_", "nonfinite_", "base_step_",
+           # helpers re-exported under their old names (they live in helpers.py)
+           "compute_dtype", "linear_combination", "check_combine_extras"]
 
 
 def multi_dot(lists: Sequence[TensorList], pairs: Sequence[tuple[int, int]],
@@ -38,10 +36,7 @@ def multi_dot(lists: Sequence[TensorList], pairs: Sequence[tuple[int, int]],
     or [len(pairs), n_tensors] with per_tensor=True. <a, a> is the squared norm.
     Deterministic: each tensor's partial is summed in a fixed order.
     """
-    n = len(lists[0]) if lists else 0
-    for lst in lists:
-        if len(lst) != n:
-            raise ValueError("multi_dot: all tensor lists must have the same length")
+    n = check_same_length("multi_dot", lists)
     dt = torch.float64 if any(t.dtype == torch.float64 for lst in lists for t in lst) else torch.float32
     device = lists[0][0].device if n else torch.device("cpu")
     if n == 0:
@@ -64,6 +59,7 @@ def perturb_(out: TensorList, base: TensorList, direction: TensorList, scale,
     +-rho/||v|| as a 0-d tensor (no host sync) or a float. `out` may alias `base`
     (in-place perturbation of float32 parameters whose backup is written first).
     """
+    check_scale(scale)  # before anything is written
     if not out:
         return
     cdt = compute_dtype((out if backup is None else backup)[0].dtype)
@@ -73,27 +69,11 @@ def perturb_(out: TensorList, base: TensorList, direction: TensorList, scale,
     b = _up(base, cdt)
     d = _up(direction, cdt)
     if isinstance(scale, Tensor):
-        scaled = torch._foreach_mul(d, scale.to(cdt))
+        scaled = torch._foreach_mul(d, scale.reshape(()).to(cdt))
         res = torch._foreach_add(b, scaled)
     else:
         res = torch._foreach_add(b, d, alpha=float(scale))
     torch._foreach_copy_(list(out), res)
-
-
-def linear_combination(terms: Sequence[tuple[object, Optional[TensorList]]], like: TensorList, cdt) -> list[Tensor]:
-    """sum_k coef_k * lists_k (elementwise over the list) in dtype `cdt`, skipping None lists
-    and float zero coefficients; zeros shaped like `like` when no term remains."""
-    acc = None
-    for coef, lst in terms:
-        if lst is None or (not isinstance(coef, Tensor) and coef == 0.0):
-            continue
-        x = _up(lst, cdt)
-        c = coef.to(cdt) if isinstance(coef, Tensor) else float(coef)
-        term = torch._foreach_mul(x, c)
-        acc = term if acc is None else torch._foreach_add(acc, term)
-    if acc is None:
-        acc = [torch.zeros_like(t, dtype=cdt) for t in like]
-    return acc
 
 
 def base_step_(masters: TensorList, d: list[Tensor], base: BaseStep, state: dict) -> None:
@@ -130,23 +110,6 @@ def base_step_(masters: TensorList, d: list[Tensor], base: BaseStep, state: dict
         else:
             d = bufs
     torch._foreach_add_(masters, d, alpha=-base.lr)
-
-
-def check_combine_extras(params, masters, v, v_sq_out, write_masters: bool) -> None:
-    """Validate combine_step_'s v_sq_out / write_masters (shared by every backend)."""
-    if v_sq_out is not None:
-        if v is None:
-            raise ValueError("combine_step_: v_sq_out needs v (it accumulates sum v_new^2)")
-        if not isinstance(v_sq_out, Tensor) or v_sq_out.dtype != torch.float32 or v_sq_out.numel() != 1:
-            raise ValueError("combine_step_: v_sq_out must be a float32 tensor with one element, got "
-                             f"{getattr(v_sq_out, 'dtype', type(v_sq_out))} {tuple(getattr(v_sq_out, 'shape', ()))}")
-        if params and v_sq_out.device != params[0].device:
-            raise ValueError(f"combine_step_: v_sq_out is on {v_sq_out.device}, params on {params[0].device}")
-    if not write_masters:
-        for i, (p, m) in enumerate(zip(params, masters)):
-            if p.dtype != m.dtype:
-                raise ValueError(f"combine_step_: write_masters=False needs params of the masters' dtype "
-                                 f"({m.dtype}); params[{i}] is {p.dtype}")
 
 
 def combine_step_(params: TensorList, masters: TensorList,

@@ -1,5 +1,5 @@
 """backend="triton": the fused ops as Triton kernels (kernels/, installed as
-lookahead_ext.kernels). Triton is imported lazily, on the first use of this backend: a
+lookahead_ext.kernels); this module is the `Backend` (backend.py) itself. Triton is imported lazily, on the first use of this backend: a
 machine without a working Triton still imports lookahead_ext, and asking for
 backend="triton" there raises BackendUnavailable with the reason from `available`.
 
@@ -24,6 +24,8 @@ import torch
 
 from . import reference
 
+name = "triton"
+devices = ("cpu", "cuda")
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict = {}
 
@@ -50,7 +52,8 @@ def _interpret() -> bool:
     return _interpret_env()
 
 
-def available(name: str = "triton") -> tuple[bool, str]:
+def _import_status() -> tuple[bool, str]:
+    """Whether triton and the kernels import (cached once known; not while nothing could run)."""
     if "available" in _state:
         return _state["available"]
     try:
@@ -71,19 +74,27 @@ def available(name: str = "triton") -> tuple[bool, str]:
         res = (False, f"lookahead_ext.kernels failed to import ({type(exc).__name__}: {exc})")
         _state["available"] = res
         return res
-    res = (True, "ok")
-    _state["available"] = res
-    return res
+    _state["available"] = (True, "ok")
+    return _state["available"]
 
 
-def supports(name: str, device: torch.device, dtype: torch.dtype) -> bool:
-    if dtype not in _SUPPORTED:
-        return False
-    if device.type == "cuda":
-        return not _interpret()
-    if device.type == "cpu":
-        return _interpret()
-    return False
+def available(device_type: str = "cuda") -> tuple[bool, str]:
+    """CUDA tensors with compiled kernels; CPU tensors only under the interpreter."""
+    if device_type not in devices:
+        return False, f"triton has no {device_type} kernels"
+    ok, why = _import_status()
+    if not ok:
+        return ok, why
+    if device_type == "cpu" and not _interpret():
+        return False, ("Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before "
+                       "lookahead_ext.kernels is imported)")
+    if device_type == "cuda" and (_interpret() or not torch.cuda.is_available()):
+        return False, "compiled Triton kernels need a CUDA GPU and TRITON_INTERPRET unset"
+    return True, "ok"
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype in _SUPPORTED and available(torch.device(device).type)[0]
 
 
 def _any_fp64(*lists) -> bool:
