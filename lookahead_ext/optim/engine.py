@@ -1,6 +1,7 @@
-"""Former home of the probe engine, kept so that ``from lookahead_ext.optim.engine import ProbeOptimizer`` still works."""
+"""Former home of the probe engine: the names other modules imported from it, re-exported."""
 from .family_optimizer import ProbeOptimizer
 from .runtime import Probe, ProbeRuntime
 from .scheme import DIRECTIONS, SCHEMES
+from .validation import check_range as _check_range  # noqa: F401  (baselines.py imports it)
 
 __all__ = ["ProbeOptimizer", "ProbeRuntime", "Probe", "SCHEMES", "DIRECTIONS"]
