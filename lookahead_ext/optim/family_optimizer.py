@@ -121,9 +121,11 @@ class ProbeOptimizer(ProbeRuntime):
         """Gradient evaluations of one update as in Table 8 (a whole cycle for lookahead
         ones; CMLR with init_v="carry" and CR need one more on their very first step)."""
         K = self._glob("k") if self.lookahead else 1
-        extra = 1 if (self.direction.restarts and "g0" not in self.scheme.probes
+        anchor = "g0" in self.scheme.probes  # else v = g0 costs one more evaluation
+        per = self.scheme.evals + (0 if anchor or self.direction.carried else 1)
+        extra = 1 if (self.direction.restarts and not anchor
                       and self._glob("init_v") == "grad") else 0
-        return self.scheme.evals * K + extra
+        return per * K + extra
 
     # ------------------------------------------------------------------ the step
     def _probe_and_commit(self, buckets):
