@@ -7,17 +7,7 @@ import torch.nn.functional as F
 import lookahead_ext as la
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from lookahead_ext.optim import groups
-
-
-def mlp(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 3)).to(dtype)
-
-
-def data(seed=1, n=32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+from test_optim_api import data, mlp, params_of
 
 
 def closure_for(model, x, y, scale=1.0):
@@ -26,10 +16,6 @@ def closure_for(model, x, y, scale=1.0):
         (loss * scale).backward()
         return loss
     return closure
-
-
-def params_of(model):
-    return [p.detach().clone() for p in model.parameters()]
 
 
 # ------------------------------------------------------------------ torch's step hooks

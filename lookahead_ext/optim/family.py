@@ -129,22 +129,19 @@ class CLR(ProbeOptimizer):
 
 
 class LR(ProbeOptimizer):
-    r"""Lookahead Regularization: FR (eq. 6) inside Lookahead:
-
-    .. math::
-        d = (1 - \tfrac{\lambda}{\rho}) \nabla L(w)
-            + \tfrac{\lambda}{\rho} \nabla L(w + \rho g/\|g\|),\; g = \nabla L(w)   \quad\text{(eq. 6)}
-
-    then the base step and, every K steps, the Lookahead step (line 18). 2K evaluations
-    per cycle.
+    r"""Lookahead Regularization: FR inside Lookahead. Each inner step takes FR's
+    d = (1 - λ/ρ) g_0 + λ/ρ ∇L(w + ρ g_0/‖g_0‖) (eq. 6) into the base step; every K
+    steps the Lookahead step φ ← φ + α(w − φ), w ← φ (Algorithm 1, line 18). 2K
+    evaluations per cycle.
 
     Args:
         params: parameters or param-group dicts.
-        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps: the base step
-            (see CMLR).
-        rho, lam: radius and regularisation strength. Defaults: 0.05, 0.1.
-        k, alpha: cycle length K and slow-weight step. Defaults: 10, 0.9.
-        norm_eps, backend, reset_base_state, track_cosine: as for CMLR.
+        rho: perturbation radius rho. Default: 0.05.
+        lam: weight lambda of the finite difference in eq. 6. Default: 0.1.
+        k: inner steps K per cycle. Default: 10.
+        alpha: slow-weight step alpha. Default: 0.9.
+        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps, norm_eps,
+            backend, reset_base_state, track_cosine: as for CMLR.
         beta_start, beta_end, gamma, init_v: accepted, unused (no carried v).
     """
 
