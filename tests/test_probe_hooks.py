@@ -204,3 +204,20 @@ def test_per_parameter_steps_split_by_state_age():
     sgd = BaseStep("sgd", lr=0.1, momentum=0.9)
     (b, idx), = groups.per_parameter_steps([{}, {}], sgd)
     assert b.first and idx is None
+
+
+def test_deepcopy_goes_on_exactly_and_drops_hooks():
+    import copy
+    x, y = data()
+    m = mlp()
+    opt = la.CMLR(m.parameters(), lr=0.1, k=3, momentum=0.9, backend="reference")
+    opt.register_probe_hook(lambda o, probe, params: None)
+    opt.step(closure_for(m, x, y))
+    m2, opt2 = copy.deepcopy((m, opt))         # the copy steps the copied parameters
+    assert not opt2._probe_post_hooks and opt._probe_post_hooks
+    for _ in range(3):
+        opt.step(closure_for(m, x, y))
+        opt2.step(closure_for(m2, x, y))
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.num_evals == opt.num_evals and opt2.cycle_position == opt.cycle_position

@@ -22,6 +22,8 @@ from .. import ops
 
 ENGINE_KEY = "lookahead_ext"  # the state_dict entry of the runtime's own state
 _BASE_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "step")
+_HOOK_DICTS = ("_probe_pre_hooks", "_probe_post_hooks", "_probe_hooks_always_called",
+               "_norm_reducers", "_grad_unscalers")
 
 
 class Probe:
@@ -447,7 +449,24 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._slow_map()
         self._sync_buckets(self._step_buckets())
 
-    # ------------------------------------------------------------------ state dict
+    # ------------------------------------------------------------------ copy, state dict
+    def __getstate__(self) -> dict:
+        """Everything but the hooks (as torch.optim: a copy starts without hooks) and the
+        per-step caches (rebuilt on the next step), so ``copy.deepcopy`` and pickling give
+        an optimizer that goes on exactly as this one."""
+        state = {k: v for k, v in self.__dict__.items()
+                 if not (k.startswith("_optimizer_") or k in _HOOK_DICTS)}
+        state.update(_plan=None, _scratch={})
+        if isinstance(state.get("last_loss"), Tensor):  # a graph's output: keep the value
+            state["last_loss"] = state["last_loss"].detach()
+        if "_v_sq" in state:
+            state["_v_sq"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._init_hooks()
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
