@@ -215,6 +215,8 @@ def test_deepcopy_goes_on_exactly_and_drops_hooks():
     opt.step(closure_for(m, x, y))
     m2, opt2 = copy.deepcopy((m, opt))         # the copy steps the copied parameters
     assert not opt2._probe_post_hooks and opt._probe_post_hooks
+    opt.load_state_dict(opt.state_dict())     # torch's load_state_dict keeps the hooks
+    assert opt._probe_post_hooks
     for _ in range(3):
         opt.step(closure_for(m, x, y))
         opt2.step(closure_for(m2, x, y))

@@ -465,7 +465,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._init_hooks()
+        if "_probe_pre_hooks" not in self.__dict__:  # unpickled (torch's load_state_dict
+            self._init_hooks()                        # also comes here: keep its hooks)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
