@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from lookahead_ext import ops  # noqa: E402
 from lookahead_ext.ops.base_step import BaseStep  # noqa: E402
+from lookahead_ext.optim.scheme import CENTRAL  # noqa: E402
 
 
 def sizes_for(numel: int, n: int, seed: int = 0) -> list[int]:
@@ -118,7 +119,7 @@ def main():
     state = {"momentum_buffer": buf}
     base = BaseStep("sgd", lr=1e-3, momentum=0.9, weight_decay=5e-4)
     rho, lam, beta, gamma = 0.05, 0.1, 0.9, 0.5
-    coefs = (0.0, (rho + lam) / (2 * rho), (rho - lam) / (2 * rho))
+    coefs = CENTRAL.coefs(rho, lam)  # CMLR's d (eq. 9)
     v_sq0 = ops.sq_norm(v).reshape(1)
 
     def inner(backend):

@@ -48,8 +48,9 @@ def _accuracy(model, opt, X, y):
 
 
 def direction_coefs(opt) -> dict:
-    """The update direction d of one inner step as a combination of its probe gradients
-    (the formula each optimizer applies; see family.py and baselines.py)."""
+    """The update direction d of one inner step as a combination of its probe gradients:
+    the family's from its Scheme (``opt.d_coefs()``); GSAM and CR-SAM combine their probes
+    by their own formulas (baselines.py), not a family Scheme."""
     name = type(opt).__name__
     if not hasattr(opt, "probes"):
         return {"g0": 1.0}
@@ -58,13 +59,7 @@ def direction_coefs(opt) -> dict:
         return {"g0": -2.0 * c, "g+": 1.0 + c, "g-": c}
     if name == "GSAM":
         return {"g+": 1.0}
-    g = opt.param_groups[0]
-    rho, lam = g["rho"], g["lam"]
-    if opt.scheme == "forward":
-        return {"g0": 1.0 - lam / rho, "g+": lam / rho}
-    if opt.scheme == "central":
-        return {"g+": (rho + lam) / (2 * rho), "g-": (rho - lam) / (2 * rho)}
-    return {"g0": 1.0, "g+": lam / (2 * rho), "g-": -lam / (2 * rho)}
+    return opt.d_coefs()
 
 
 def _flat_grad(model):

@@ -37,6 +37,8 @@ import os
 
 import torch
 
+from lookahead_ext.optim.scheme import CENTRAL, FORWARD
+
 from . import common
 
 
@@ -127,7 +129,8 @@ def _lr_step(h, eta, lam, rho, sample_c, normalised):
         g0 = h * (x - c)
         e = g0 / (g0.norm(dim=1, keepdim=True) + 1e-12) if normalised else g0
         gp = h * (x + rho * e - c)
-        return x - eta * ((1 - lam / rho) * g0 + (lam / rho) * gp)
+        c0, cp, _ = FORWARD.coefs(rho, lam)  # eq. 6
+        return x - eta * (c0 * g0 + cp * gp)
     return step
 
 
@@ -144,7 +147,8 @@ def _cmlr_step(h, eta, lam, rho, K, betas, sample_c):
         vh = v / (v.norm(dim=1, keepdim=True) + 1e-12)
         gp = h * (x + rho * vh - c)
         gm = h * (x - rho * vh - c)
-        dvec = (rho + lam) / (2 * rho) * gp + (rho - lam) / (2 * rho) * gm
+        _, cp, cm = CENTRAL.coefs(rho, lam)  # eq. 9
+        dvec = cp * gp + cm * gm
         beta = bs if K == 1 else bs + (be - bs) * k / (K - 1)
         state["v"] = beta * vh + (1 - beta) / 2 * (gp / (gp.norm(dim=1, keepdim=True) + 1e-12)
                                                    + gm / (gm.norm(dim=1, keepdim=True) + 1e-12))

@@ -18,16 +18,17 @@ then). Use instead::
 
 or call by call: ``for probe in lookahead_ext.amp.probes(opt, scaler): ...``.
 
-What happens: each probe's gradients are unscaled by 1/scale inside the engine's fused
+What happens: a grad unscaler registered on the optimizer for the step
+(``register_grad_unscaler``) unscales each probe's gradients by 1/scale inside the fused
 non-finite check (``ops.nonfinite_(lists, inv_scale)``: one pass over the gradients, no
 extra copy), so the update is computed from unscaled gradients. If any probe's loss or
 gradient is not finite, the whole update is skipped: every weight and every optimizer
-state tensor is left exactly as it was (the engine restores the probe-perturbed weights),
+state tensor is left exactly as it was (the optimizer restores the probe-perturbed weights),
 and the scaler is told that an inf was found, so ``scaler.update()`` backs the scale off
 exactly as it would for a plain optimizer whose step overflowed; otherwise it records a
 clean step and the growth tracker advances.
 
-The skip warning the engine emits for a non-finite step is silenced here (overflow is the
+The skip warning the optimizer emits for a non-finite step is silenced here (overflow is the
 scaler's normal way of probing the scale); ``opt.num_skipped`` still counts the skips.
 
 This module reads two private attributes of GradScaler (``_scale`` and
@@ -83,15 +84,14 @@ def probes(optimizer, scaler) -> Iterator:
     compute the loss, call ``scaler.scale(loss).backward()`` and set ``probe.loss = loss``.
     Call ``scaler.update()`` after the loop. Breaking out early abandons the step (the
     weights are restored) and records nothing in the scaler."""
-    if not hasattr(optimizer, "probes"):
+    if not hasattr(optimizer, "register_grad_unscaler"):
         raise TypeError("lookahead_ext.amp.probes needs a probe optimizer (CMLR, SAM, ...); "
                         "for torch optimizers and Lookahead use scaler.step(optimizer)")
     enabled = scaler is not None and scaler.is_enabled()
     skipped0 = optimizer.num_skipped
     it = optimizer.probes()
-    prev = getattr(optimizer, "inv_grad_scale", None)
-    if enabled:
-        optimizer.inv_grad_scale = lambda: inv_scale(scaler)  # the engine's AMP hook
+    # each probe's gradients are unscaled by 1/scale in the optimizer's fused check
+    handle = optimizer.register_grad_unscaler(lambda opt: inv_scale(scaler)) if enabled else None
     finished = False
     try:
         while True:
@@ -105,7 +105,8 @@ def probes(optimizer, scaler) -> Iterator:
                     break
             yield probe
     finally:
-        optimizer.inv_grad_scale = prev
+        if handle is not None:
+            handle.remove()
         if not finished:
             it.close()
     _record(scaler, optimizer, optimizer.num_skipped != skipped0, _param_device(optimizer))

@@ -31,12 +31,13 @@ class BatchNormProbeMode:
     """Handle returned by :func:`apply_batchnorm_mode`; ``remove()`` undoes it. ``mode`` may
     be changed at any time.
 
-    It wraps ``optimizer.probes`` (which ``step(closure)``, ``lookahead_ext.amp`` and
-    ``lookahead_ext.distributed`` all go through): before each probe that must not update
-    the running stats, the BatchNorm layers in training mode get
-    ``track_running_stats = False``; after the probe (and if the step is abandoned) the
-    flags are restored. No forward hooks, so a ``torch.compile``d model sees just two
-    variants of each BatchNorm layer (tracking or not) and never recompiles beyond them.
+    It registers two probe hooks on the optimizer (which ``step(closure)``, ``probes()``,
+    ``lookahead_ext.amp`` and ``lookahead_ext.distributed`` all run): before each probe that
+    must not update the running stats, the BatchNorm layers in training mode get
+    ``track_running_stats = False``; after the probe (also when the step is abandoned
+    during it) the flags are restored. No forward hooks, so a ``torch.compile``d model sees
+    just two variants of each BatchNorm layer (tracking or not) and never recompiles beyond
+    them.
     """
 
     def __init__(self, model: nn.Module, optimizer, mode: str = "first"):
@@ -44,38 +45,34 @@ class BatchNormProbeMode:
             raise ValueError(f"mode must be one of {BN_MODES}, got {mode!r}")
         self.mode, self.optimizer = mode, optimizer
         self.layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-        self._had = "probes" in vars(optimizer) if hasattr(optimizer, "probes") else None
-        self._inner = getattr(optimizer, "probes", None)
-        if self._inner is not None:                 # plain torch optimizers: nothing to do
-            optimizer.probes = self._probes
+        self._frozen: list = []
+        self._handles = []
+        if hasattr(optimizer, "register_probe_pre_hook"):  # plain torch optimizers: nothing to do
+            self._handles = [optimizer.register_probe_pre_hook(self._before),
+                             optimizer.register_probe_hook(self._after, always_call=True)]
 
     def _freeze(self, probe) -> bool:
         if self.mode == "always":
             return False
         return self.mode == "never" or probe.index > 0
 
-    def _probes(self):
-        for probe in self._inner():
-            frozen = []
-            if self._freeze(probe):
-                for m in self.layers:
-                    if m.training and m.track_running_stats:
-                        m.track_running_stats = False
-                        frozen.append(m)
-            try:
-                yield probe
-            finally:
-                for m in frozen:
-                    m.track_running_stats = True
+    def _before(self, optimizer, probe) -> None:
+        if self._freeze(probe):
+            for m in self.layers:
+                if m.training and m.track_running_stats:
+                    m.track_running_stats = False
+                    self._frozen.append(m)
+
+    def _after(self, optimizer, probe, params) -> None:
+        for m in self._frozen:
+            m.track_running_stats = True
+        self._frozen = []
 
     def remove(self) -> None:
-        if self._inner is None:
-            return
-        if self._had:
-            self.optimizer.probes = self._inner
-        else:
-            vars(self.optimizer).pop("probes", None)
-        self._inner = None
+        self._after(None, None, None)  # removed mid-probe: unfreeze now
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def __enter__(self):
         return self

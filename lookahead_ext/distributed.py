@@ -10,9 +10,10 @@ job hangs. ``DistributedProbes`` does this:
 - every forward and backward pass of a step runs under ``model.no_sync()`` (DDP decides
   at forward time whether the next backward synchronises, so the forward pass is inside
   it too): micro-batches accumulate locally, DDP's own reducer stays idle;
-- after each probe the engine calls this module's hook, which all-reduces the probe's
-  gradients, the probe's loss and a has-gradient flag per parameter in ONE collective on
-  one flat buffer, then divides by the world size; the engine's non-finite check then sees
+- a probe hook (``optimizer.register_probe_hook``) runs after each probe: it all-reduces
+  the probe's gradients, the probe's loss and a has-gradient flag per parameter in ONE
+  collective on one flat buffer, then divides by the world size; the optimizer's
+  non-finite check then sees
   the same numbers on every rank, so all ranks skip or commit together;
 - BatchNorm buffers follow DDP's ``broadcast_buffers``: rank 0's are broadcast at the
   start of every step (``sync_buffers()``), since DDP skips that under ``no_sync``;
@@ -21,7 +22,7 @@ job hangs. ``DistributedProbes`` does this:
 
 The result equals the single-process run on the concatenated batch (each rank's loss is a
 mean over its equal-sized shard). A parameter without a gradient on any rank keeps
-``grad=None`` (the engine leaves it untouched); one with a gradient on some ranks only
+``grad=None`` (the optimizer leaves it untouched); one with a gradient on some ranks only
 gets the average with zeros elsewhere, as DDP does.
 
 Usage::
@@ -98,21 +99,22 @@ class DistributedProbes:
     """
 
     def __init__(self, optimizer, model=None, group=None, average: bool = True):
-        if not hasattr(optimizer, "probes"):
+        if not hasattr(optimizer, "register_probe_hook"):
             raise TypeError("DistributedProbes needs a probe optimizer (CMLR, SAM, ...); "
                             "torch optimizers and Lookahead work with DDP as they are")
         self.optimizer, self.model, self.group, self.average = optimizer, model, group, average
         self.num_all_reduces = 0
-        optimizer.probe_hook = self._hook          # the engine's distributed hook
+        self._handle = optimizer.register_probe_hook(self._hook)
 
-    def _hook(self, probe, params):
+    def _hook(self, optimizer, probe, params):
         self.num_all_reduces += 1
         reduced = all_reduce_probe_grads(params, probe.loss, self.group, self.average)
         if reduced is not None:
             probe.loss = reduced
 
     def remove(self) -> None:
-        self.optimizer.probe_hook = None
+        """Unregister the probe hook (the optimizer then runs single-process again)."""
+        self._handle.remove()
 
     def _no_sync(self):
         ns = getattr(self.model, "no_sync", None)
@@ -245,11 +247,12 @@ class FSDPProbes:
     """A probe optimizer on FSDP2-sharded parameters (see :func:`local_shards`).
 
     After each probe FSDP2 has reduce-scattered (averaged) the gradient into each
-    parameter's sharded ``.grad`` DTensor; the engine's distributed hook moves the local
+    parameter's sharded ``.grad`` DTensor; a probe hook moves the local
     shard into the local tensor's ``.grad`` and all-reduces, in one collective, the probe's
     loss and a non-finite flag (a shard can hold an inf that other ranks do not see: the
-    flag makes every rank skip together). The engine's norm hook all-reduces the squared
-    norms / dot products computed on the local shards, so ||v||, ||g+||, ||g-|| are global.
+    flag makes every rank skip together). A norm reducer (``register_norm_reducer``)
+    all-reduces the squared norms computed on the local shards, so ||v||, ||g+||, ||g-||
+    are global. ``remove()`` unregisters both.
     Only the ``step``/``probes`` of this object go through FSDP2 correctly.
     """
 
@@ -260,15 +263,19 @@ class FSDPProbes:
         for p in model.parameters():
             loc = p._local_tensor if hasattr(p, "_local_tensor") else p
             self._dt[id(loc)] = p
-        optimizer.probe_hook = self._probe_hook
-        optimizer.norm_hook = self._norm_hook
+        self._handles = [optimizer.register_probe_hook(self._probe_hook),
+                         optimizer.register_norm_reducer(self._norm_reducer)]
 
-    def _norm_hook(self, sq):
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _norm_reducer(self, optimizer, sq):
         sq = sq.clone()
         dist.all_reduce(sq, group=self.group)
         return sq
 
-    def _probe_hook(self, probe, params):
+    def _probe_hook(self, optimizer, probe, params):
         flags = []
         for loc in params:
             dt = self._dt.get(id(loc))

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops.base_step import ADAMW, SGD, BaseStep
 from ..ops.reference import compute_dtype
+from ..optim.groups import KindGroups, base_step_, sync_slow_
+from ..optim.validation import check_backend, check_k
 
 __all__ = ["LookaheadBio"]
 
@@ -25,10 +28,9 @@ _HYPERGRAD = ("shared", "updated")
 
 
 class _Level:
-    """One set of trained tensors (the fast model weights w, or the auxiliary copy u) with
-    its fp32 masters (only for low-precision parameters) and its base-optimizer state.
-
-    Tensors are bucketed by (device, dtype) so each fused op sees homogeneous lists."""
+    """One set of trained tensors (the fast model weights w, the auxiliary copy u, or the
+    logits λ) with its fp32 masters (only for low-precision parameters) and its
+    base-optimizer state; the fused ops run per (device, dtype) group (optim.groups)."""
 
     def __init__(self, tensors: list[Tensor], base: BaseStep):
         self.tensors = tensors                    # what the model computes with
@@ -37,23 +39,22 @@ class _Level:
         self.base = base
         self.state = {name: [torch.zeros_like(m) for m in self.masters] for name in base.state_names()}
         self.steps = 0
-        buckets: dict = {}
-        for i, t in enumerate(tensors):
-            buckets.setdefault((t.device, t.dtype), []).append(i)
-        self.buckets = list(buckets.values())
+        self.groups = KindGroups(tensors)
 
     @torch.no_grad()
     def step_(self, grads: list[Tensor], backend: str) -> None:
-        self.steps += 1
-        if self.base.kind == ADAMW:
-            base = BaseStep(**{**self.base.__dict__, "step": self.steps})
-        else:
-            base = BaseStep(**{**self.base.__dict__, "first": self.steps == 1})
-        for idx in self.buckets:
-            sel = lambda lst: [lst[i] for i in idx]  # noqa: E731
-            ops.combine_step_(sel(self.tensors), sel(self.masters), (sel(grads), None, None),
-                              (1.0, 0.0, 0.0), base, {k: sel(v) for k, v in self.state.items()},
-                              backend=backend)
+        self.steps += 1  # one age for the whole level: SGD's buffers start at step 1
+        base = (replace(self.base, step=self.steps) if self.base.kind == ADAMW else
+                replace(self.base, first=self.steps == 1))
+        base_step_(self.tensors, self.masters, (grads, None, None), (1.0, 0.0, 0.0), base,
+                   self.state, backend=backend, groups=self.groups)
+
+    @torch.no_grad()
+    def sync_(self, slow: list[Tensor], beta: float, backend: str) -> None:
+        """Lookahead step on this level: slow += β(fast − slow), fast ← slow (masters and
+        the tensors they are the fp32 copies of)."""
+        sync_slow_(slow, self.masters, beta, params=self.tensors, backend=backend,
+                   groups=self.groups)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps,
@@ -197,8 +198,7 @@ class LookaheadBio:
             raise TypeError("model must be an nn.Module")
         if not isinstance(num_sources, int) or num_sources < 2:
             raise ValueError(f"num_sources must be an integer >= 2, got {num_sources!r}")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        check_k(k)
         for name, b in (("beta_w", beta_w), ("beta_lam", beta_lam)):
             if not (0.0 < b <= 1.0):
                 raise ValueError(f"{name} must be in (0, 1], got {b}")
@@ -215,8 +215,7 @@ class LookaheadBio:
             raise ValueError(f"hypergrad must be one of {_HYPERGRAD}, got {hypergrad!r}")
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError("on_nonfinite must be 'skip' or 'raise'")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if source_names is not None and len(source_names) != num_sources:
             raise ValueError(f"source_names has {len(source_names)} names for {num_sources} sources")
 
@@ -506,21 +505,11 @@ class LookaheadBio:
     def sync(self) -> None:
         """Lookahead outer step on both levels (lines 11–13, then line 4): φ += β(θ − φ),
         θ ← φ; u is untouched (line 14). Restarts the cycle. β = 1 is an exact copy."""
-        self._sync_level(self._w, self._slow_w, self.beta_w)
+        self._w.sync_(self._slow_w, self.beta_w, self.backend)
         if self.u_sync:
-            self._sync_level(self._u, self._slow_u, self.beta_w)
-        ops.lookahead_sync_(self._slow_lam, self._lam.masters, self.beta_lam, backend=self.backend)
+            self._u.sync_(self._slow_u, self.beta_w, self.backend)
+        self._lam.sync_(self._slow_lam, self.beta_lam, self.backend)
         self._counter = 0
-
-    def _sync_level(self, lvl: _Level, slow_all: list, beta: float) -> None:
-        for idx in lvl.buckets:
-            slow = [slow_all[i] for i in idx]
-            fast = [lvl.masters[i] for i in idx]
-            params = [lvl.tensors[i] for i in idx]
-            aliased = all(a is b for a, b in zip(fast, params))
-            # beta = 1 is an exact copy: every backend uses torch.lerp's two-sided formula
-            ops.lookahead_sync_(slow, fast, beta, params=None if aliased else params,
-                                backend=self.backend)
 
     # ------------------------------------------------------------------ history
     def history(self) -> list[dict]:

@@ -1,76 +1,99 @@
-"""The CMLR family (cmlr.txt): every member is the one engine with a different spec.
-
-Forward/backward passes per update, as in Table 8 (counted by ``opt.num_evals``):
-
-=========  ==========  ==========  =========  ==============================================
-class      direction   scheme      lookahead  evals per update
-=========  ==========  ==========  =========  ==============================================
-SAM        grad        forward*    no         2            (*lam = rho: d = g+, eq. 2)
-FR         grad        forward     no         2            (eq. 6)
-CR         lagged      central     no         2            (eq. 9; 3 on the very first step)
-LR         grad        forward     yes        2K per cycle
-CLR        grad        cent._base  yes        3K per cycle (eq. 8, fresh direction each step)
-FMLR       momentum    forward     yes        2K per cycle (v_0 = g_0 is the k = 0 probe at w)
-MLSAM      momentum    forward*    yes        2K per cycle (*FMLR with lam = rho)
-CMLR       momentum    central     yes        2K+1 per cycle (init_v="grad"), 2K ("carry")
-=========  ==========  ==========  =========  ==============================================
-
-Where the text and Table 8 disagree we make the table's cost true:
-
-- CR: eq. 8 needs grad L(w) for both the direction and the anchor (3 evaluations). Table 8
-  gives CR 2 evaluations, so CR uses eq. 9 (the anchor is (g+ + g-)/2, as in CMLR) and the
-  direction v of the *previous* step, v = (g+/||g+|| + g-/||g-||)/2 (eq. 10 with beta = 0).
-  Only the first step evaluates grad L(w) to start v.
-- FMLR/ML-SAM: the paper gives no algorithm; we use FR's two probes (w and w + rho v_hat)
-  with the CMLR momentum direction, v_0 = g_0 at k = 0 (the k = 0 probe at w itself, so no
-  extra evaluation), and the momentum update of eq. 115 over the normalised g+ and g0
-  (gamma weighs g+). 2 evaluations per inner step = 2K.
-- CMLR: the "+1" of 2K+1 is line 4's g_0 = grad L(w_{t,0}) at the start of each cycle;
-  with init_v="carry" v is carried across cycles instead (2K per cycle after the first).
-- CLR: eq. 8 with a fresh g0 direction every inner step = 3K (Table 7: "computes all
-  three gradients per inner-loop step without momentum").
-
-SAM and ML-SAM tie lam to rho in every param group (also for a per-group or scheduled
-rho), so their d is exactly g+.
-"""
+"""The CMLR family (cmlr.txt): each member is a Scheme, a Direction and a Lookahead flag on ProbeOptimizer."""
 from __future__ import annotations
 
-from .engine import ProbeOptimizer
+from .family_optimizer import ProbeOptimizer
+from .scheme import CENTRAL, CENTRAL_BASE, FORWARD, GRAD, LAGGED, MOMENTUM
 
 _NO_CYCLE = dict(k=1, alpha=1.0)
 
 
 class CMLR(ProbeOptimizer):
-    """Central-difference Momentum Lookahead Regularization (Algorithm 1).
+    r"""Central-difference Momentum Lookahead Regularization (cmlr.txt, Algorithm 1).
 
     Each ``step(closure)`` is one inner step k of a K-step cycle:
 
-    1. (k = 0, ``init_v="grad"``) g0 = grad L(w), v = g0   (line 4; ``"carry"`` keeps v)
-    2. v_hat = v / ||v||, the norm over all parameters of all groups          (line 6)
-    3. g+ = grad L(w + rho v_hat), g- = grad L(w - rho v_hat)                  (lines 9-10)
-    4. d = (rho+lam)/(2 rho) g+ + (rho-lam)/(2 rho) g-                          (eq. 9)
-    5. w <- base optimizer step with d (torch.optim.SGD or AdamW semantics)    (line 13)
-    6. v <- beta_k v_hat + (1-beta_k)(gamma g+/||g+|| + (1-gamma) g-/||g-||)   (eq. 115)
-    7. after the K-th step: slow <- slow + alpha (fast - slow), fast <- slow   (line 18)
+    .. math::
+        v_0 &= g_0 = \nabla L(w_{t,0})                                  &\text{(line 4)}\\
+        \hat v_k &= v_k / \|v_k\|                                        &\text{(line 6)}\\
+        g_k^\pm &= \nabla L(w_{t,k} \pm \rho \hat v_k)                  &\text{(lines 9-10)}\\
+        d_k &= \tfrac{\rho+\lambda}{2\rho} g_k^+ + \tfrac{\rho-\lambda}{2\rho} g_k^-
+                                                                         &\text{(eq. 9, line 12)}\\
+        w_{t,k+1} &= \mathcal{A}(w_{t,k}, \eta, d_k)                    &\text{(line 13)}\\
+        v_{k+1} &= \beta_k \hat v_k + (1-\beta_k)\big(\gamma \tfrac{g_k^+}{\|g_k^+\|}
+                   + (1-\gamma)\tfrac{g_k^-}{\|g_k^-\|}\big),\;
+                   \beta_k = \beta_s + (\beta_e-\beta_s)\tfrac{k}{K-1}  &\text{(eq. 115, lines 15-16)}\\
+        w_{t+1} &= w_t + \alpha (w_{t,K} - w_t),\; w_{t+1,0} = w_{t+1}  &\text{(lines 18, 2)}
 
-    The base optimizer's state is kept across cycles (``reset_base_state=True`` clears it).
-    The data are the closure's: Algorithm 1 (line 3) uses one mini-batch for all K inner
-    steps; feed the same batch while ``cycle_position`` runs 0..K-1 to follow it literally.
-    Defaults are the paper's: rho = 0.05, lam = 0.1, K = 10, alpha = 0.9, beta 0.9 -> 0.99,
-    gamma = 0.5.
+    with norms over all parameters of all groups, :math:`\mathcal{A}` the SGD or AdamW
+    step of torch.optim, and gamma = 1/2 giving eq. 10. 2K+1 evaluations per cycle
+    (``init_v="grad"``; 2K with ``"carry"``, which keeps v across cycles). The base
+    optimizer's state is kept across cycles (``reset_base_state=True`` clears it). Line 3
+    uses one mini-batch for the K inner steps: feed the same batch while
+    ``cycle_position`` runs 0..K-1 to follow it literally. Defaults are the paper's.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps: the base step
+            :math:`\mathcal{A}` (torch.optim.SGD / AdamW semantics; see ProbeOptimizer).
+            Defaults: 1e-3, "sgd", 0, 0, False, None (torch's), (0.9, 0.999), 1e-8.
+        rho: perturbation radius rho. Default: 0.05.
+        lam: regularisation strength lambda. Default: 0.1.
+        k: inner steps K per cycle. Default: 10.
+        alpha: slow-weight step alpha. Default: 0.9.
+        beta_start, beta_end: beta_s, beta_e. Defaults: 0.9, 0.99.
+        gamma: weight of g+ in the v update. Default: 0.5.
+        init_v: "grad" (v_0 = g_0 each cycle) or "carry". Default: "grad".
+        norm_eps: ||x|| + norm_eps in every norm. Default: 1e-12.
+        backend: fused-op backend. Default: "auto".
+        reset_base_state: clear the base state at each sync. Default: False.
+        track_cosine: record cos(d_k, d_{k-1}). Default: False.
     """
 
-    direction, scheme, lookahead = "momentum", "central", True
+    scheme, direction, lookahead = CENTRAL, MOMENTUM, True
 
 
 class FMLR(ProbeOptimizer):
-    """Forward-difference Momentum Lookahead Regularization (see module docstring)."""
+    r"""Forward-difference Momentum Lookahead Regularization.
 
-    direction, scheme, lookahead = "momentum", "forward", True
+    FR's two probes (eq. 6) with CMLR's momentum direction inside Lookahead:
+
+    .. math::
+        g_0 = \nabla L(w),\; g^+ = \nabla L(w + \rho \hat v),\;
+        d = (1 - \tfrac{\lambda}{\rho}) g_0 + \tfrac{\lambda}{\rho} g^+          \quad\text{(eq. 6)}\\
+        v \leftarrow \beta_k \hat v + (1-\beta_k)\big(\gamma \tfrac{g^+}{\|g^+\|}
+                     + (1-\gamma) \tfrac{g_0}{\|g_0\|}\big)                        \quad\text{(eq. 115, g_0 for g^-)}
+
+    The paper gives no algorithm for FMLR; this is our reading: the forward-difference
+    analogue of eq. 10 (v_0 = g_0 is the k = 0 probe at w itself, so no extra
+    evaluation). 2K evaluations per cycle (Table 8). Then the Lookahead step (line 18).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps: the base step
+            (see CMLR). Defaults: 1e-3, "sgd", 0, 0, False, None, (0.9, 0.999), 1e-8.
+        rho, lam: radius and regularisation strength. Defaults: 0.05, 0.1.
+        k, alpha: cycle length K and slow-weight step. Defaults: 10, 0.9.
+        beta_start, beta_end, gamma: the v update. Defaults: 0.9, 0.99, 0.5.
+        init_v: "grad" or "carry" (v_0 = g_0 every cycle or carried). Default: "grad".
+        norm_eps, backend, reset_base_state, track_cosine: as for CMLR.
+    """
+
+    scheme, direction, lookahead = FORWARD, MOMENTUM, True
 
 
 class MLSAM(FMLR):
-    """Momentum Lookahead SAM: FMLR with lam = rho, so d = g+ (the anchor vanishes)."""
+    r"""Momentum Lookahead SAM: FMLR with lambda = rho in every param group (also for a
+    per-group or scheduled rho), so :math:`d = g^+ = \nabla L(w + \rho \hat v)` (eq. 6 with
+    lambda = rho; the anchor g_0 only feeds the v update). 2K evaluations per cycle.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: base-step learning rate. Default: 1e-3.
+        rho: perturbation radius (lambda follows it). Default: 0.05.
+        base, momentum, dampening, nesterov, weight_decay, betas, eps, k, alpha,
+        beta_start, beta_end, gamma, init_v, norm_eps, backend, reset_base_state,
+        track_cosine: as for FMLR. ``lam`` is not accepted.
+    """
 
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.05, **kw):
         if "lam" in kw:
@@ -82,23 +105,69 @@ class MLSAM(FMLR):
 
 
 class CLR(ProbeOptimizer):
-    """Central-difference Lookahead Regularization: CR (eq. 8) with a fresh gradient
-    direction each inner step, inside Lookahead. 3 evaluations per inner step."""
+    r"""Central-difference Lookahead Regularization: CR (eq. 8) with a fresh gradient
+    direction every inner step, inside Lookahead:
 
-    direction, scheme, lookahead = "grad", "central_base", True
+    .. math::
+        g_0 = \nabla L(w),\; g^\pm = \nabla L(w \pm \rho g_0/\|g_0\|),\;
+        d = g_0 + \tfrac{\lambda}{2\rho}(g^+ - g^-)                   \quad\text{(eq. 8)}
+
+    then the base step and, every K steps, the Lookahead step (line 18). 3K evaluations
+    per cycle (Table 7: "computes all three gradients per inner-loop step").
+
+    Args:
+        params: parameters or param-group dicts.
+        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps: the base step
+            (see CMLR).
+        rho, lam: radius and regularisation strength. Defaults: 0.05, 0.1.
+        k, alpha: cycle length K and slow-weight step. Defaults: 10, 0.9.
+        norm_eps, backend, reset_base_state, track_cosine: as for CMLR.
+        beta_start, beta_end, gamma, init_v: accepted, unused (no carried v).
+    """
+
+    scheme, direction, lookahead = CENTRAL_BASE, GRAD, True
 
 
 class LR(ProbeOptimizer):
-    """Lookahead Regularization: FR (eq. 6) inside Lookahead."""
+    r"""Lookahead Regularization: FR inside Lookahead. Each inner step takes FR's
+    d = (1 - λ/ρ) g_0 + λ/ρ ∇L(w + ρ g_0/‖g_0‖) (eq. 6) into the base step; every K
+    steps the Lookahead step φ ← φ + α(w − φ), w ← φ (Algorithm 1, line 18). 2K
+    evaluations per cycle.
 
-    direction, scheme, lookahead = "grad", "forward", True
+    Args:
+        params: parameters or param-group dicts.
+        rho: perturbation radius rho. Default: 0.05.
+        lam: weight lambda of the finite difference in eq. 6. Default: 0.1.
+        k: inner steps K per cycle. Default: 10.
+        alpha: slow-weight step alpha. Default: 0.9.
+        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps, norm_eps,
+            backend, reset_base_state, track_cosine: as for CMLR.
+        beta_start, beta_end, gamma, init_v: accepted, unused (no carried v).
+    """
+
+    scheme, direction, lookahead = FORWARD, GRAD, True
 
 
 class FR(ProbeOptimizer):
-    """Forward-difference gradient regularization (eq. 6):
-    d = (1 - lam/rho) grad L(w) + lam/rho grad L(w + rho g/||g||). lam = rho is SAM."""
+    r"""Forward-difference gradient regularization (eq. 6), no Lookahead:
 
-    direction, scheme, lookahead = "grad", "forward", False
+    .. math::
+        d = (1 - \tfrac{\lambda}{\rho}) \nabla L(w)
+            + \tfrac{\lambda}{\rho} \nabla L(w + \rho g/\|g\|),\; g = \nabla L(w)   \quad\text{(eq. 6)}
+
+    then the base step. lambda = rho is SAM. 2 evaluations per step.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps: the base step
+            (see CMLR).
+        rho, lam: radius and regularisation strength. Defaults: 0.05, 0.1.
+        norm_eps, backend, track_cosine: as for CMLR.
+        beta_start, beta_end, gamma, init_v, reset_base_state: accepted, unused.
+        ``k`` and ``alpha`` are not accepted (no Lookahead cycle).
+    """
+
+    scheme, direction, lookahead = FORWARD, GRAD, False
 
     def __init__(self, params, lr: float = 1e-3, **kw):
         for key in ("k", "alpha"):
@@ -108,7 +177,22 @@ class FR(ProbeOptimizer):
 
 
 class SAM(FR):
-    """Sharpness-Aware Minimization (eq. 2): d = grad L(w + rho g/||g||), g = grad L(w)."""
+    r"""Sharpness-Aware Minimization (eq. 2):
+
+    .. math::
+        d = \nabla L(w + \hat\varepsilon),\quad
+        \hat\varepsilon = \rho \frac{\nabla L(w)}{\|\nabla L(w)\|}          \quad\text{(eq. 2)}
+
+    then the base step: FR with lambda = rho in every param group, so the coefficient of
+    grad L(w) in d is exactly 0. 2 evaluations per step.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: base-step learning rate. Default: 1e-3.
+        rho: perturbation radius. Default: 0.05.
+        base, momentum, dampening, nesterov, weight_decay, betas, eps, norm_eps, backend,
+        track_cosine: as for FR. ``lam``, ``k`` and ``alpha`` are not accepted.
+    """
 
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.05, **kw):
         if "lam" in kw:
@@ -120,7 +204,27 @@ class SAM(FR):
 
 
 class CR(FR):
-    """Central-difference gradient regularization at Table 8's cost of 2 evaluations
-    (see module docstring): d from eq. 9, direction from the previous step's probes."""
+    r"""Central-difference gradient regularization at Table 8's cost of 2 evaluations.
 
-    direction, scheme, lookahead = "lagged", "central", False
+    .. math::
+        g^\pm = \nabla L(w \pm \rho \hat v),\;
+        d = \tfrac{\rho+\lambda}{2\rho} g^+ + \tfrac{\rho-\lambda}{2\rho} g^-    \quad\text{(eq. 9)}\\
+        v \leftarrow \gamma \tfrac{g^+}{\|g^+\|} + (1-\gamma)\tfrac{g^-}{\|g^-\|}
+                                                                 \quad\text{(eq. 10 with } \beta = 0)
+
+    Eq. 8 needs grad L(w) for both the direction and the anchor (3 evaluations); Table 8
+    gives CR 2, so CR takes eq. 9's anchor (g+ + g-)/2 and the direction v of the
+    *previous* step. Only the very first step evaluates grad L(w) to start v (3 then).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps: the base step
+            (see CMLR).
+        rho, lam: radius and regularisation strength. Defaults: 0.05, 0.1.
+        gamma: weight of g+ in v. Default: 0.5.
+        norm_eps, backend, track_cosine: as for CMLR.
+        beta_start, beta_end, init_v, reset_base_state: accepted, unused.
+        ``k`` and ``alpha`` are not accepted (no Lookahead cycle).
+    """
+
+    scheme, direction, lookahead = CENTRAL, LAGGED, False

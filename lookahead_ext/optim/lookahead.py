@@ -1,48 +1,57 @@
 """Lookahead (Zhang et al. 2019) around any torch optimizer, with fused slow/fast sync."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import ops
 from ._buckets import LOW_PRECISION, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow
+from .groups import KindGroups, sync_slow_
+from .validation import check_backend, check_k, check_range
 
 _KEY = "lookahead"
 
 
 class Lookahead(SlowWeightsMixin, Optimizer):
-    """Lookahead(optimizer, k=5, alpha=0.5): every k steps of `optimizer`,
-    slow <- slow + alpha (fast - slow) and fast <- slow.
+    r"""Lookahead (Zhang et al., 2019; cmlr.txt Algorithm 1, line 18) around any torch
+    optimizer: the wrapped optimizer takes the fast steps, and every ``k`` of them
+
+    .. math::
+        \phi \leftarrow \phi + \alpha (w - \phi), \qquad w \leftarrow \phi
+
+    (one fused ``ops.lookahead_sync_`` per (device, dtype)).
 
     - Slow weights start at the weights the model has when Lookahead is built (the
       algorithm's w_0; timm's version starts them at the first sync instead). They are
-      float32 for bf16/fp16 parameters and live in ``state_dict()``.
+      float32 for bf16/fp16 parameters and live in ``state_dict()``; a base optimizer
+      with fp32 master weights (e.g. SAM on bf16) has them reset to the slow weights too.
     - ``step(closure=None)`` calls the base optimizer's ``step`` exactly as it would be
       called (closure optional), so Lookahead drops into any existing training loop.
     - ``param_groups`` are the base optimizer's own (lr schedulers work on either).
     - With alpha = 1 it is exactly the base optimizer.
+
+    Args:
+        optimizer: the base (fast) optimizer, any ``torch.optim.Optimizer``.
+        k: fast steps per sync. Default: 5.
+        alpha: slow-weight step size alpha in (0, 1]. Default: 0.5.
+        backend: fused-op backend of the sync (``"auto"``, ``"reference"``, ``"cpp"``,
+            ``"cuda"``, ``"triton"``). Default: ``"auto"``.
     """
 
     def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5,
                  backend: str = "auto"):
         if not isinstance(optimizer, Optimizer):
             raise TypeError("Lookahead wraps a torch.optim.Optimizer instance")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if not (0.0 < alpha <= 1.0) or math.isnan(alpha):
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        check_k(k)
+        check_range("alpha", alpha, 0.0, 1.0, lo_open=True)
+        check_backend(backend)
         self.optimizer = optimizer
         self.k, self.alpha, self.backend = k, alpha, backend
         self._counter = 0
         self._slow: dict = {}
-        self._plan = None  # (signature, groups): see _sync_groups
+        self._plan = None  # (signature, plan): see _sync_plan
         # Optimizer.__init__ sets up hooks; then share the base's groups and state.
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups = optimizer.param_groups
@@ -78,30 +87,28 @@ class Lookahead(SlowWeightsMixin, Optimizer):
     def _slow_map(self) -> dict:
         return self._slow
 
-    def _sync_groups(self) -> list[tuple[list, list]]:
-        """(slow weights, params) per (device, dtype), rebuilt only when the parameters
-        change (param_signature): regrouping every sync costs more than the fused sync
-        itself on a small model."""
+    def _sync_plan(self) -> tuple:
+        """(params, their slow weights, KindGroups), rebuilt only when the parameters change
+        (param_signature): regrouping every sync costs more than the fused sync itself on a
+        small model."""
         sig = param_signature(self.param_groups)
         plan = self._plan
         if plan is None or plan[0] != sig:
-            groups: dict = {}
-            for p in trainable(self.param_groups):
-                groups.setdefault((p.device, p.dtype), []).append(p)
-            plan = self._plan = (sig, [([self._slow[p] for p in ps], ps) for ps in groups.values()])
+            params = trainable(self.param_groups)
+            plan = self._plan = (sig, (params, [self._slow[p] for p in params], KindGroups(params)))
         return plan[1]
 
     def _sync_now(self) -> None:
         with _no_grad():
-            for slow, params in self._sync_groups():
-                ops.lookahead_sync_(slow, params, self.alpha, backend=self.backend)
-                # a base optimizer with fp32 master weights of bf16/fp16 params (e.g. SAM on bf16)
-                if self.state and params[0].dtype in LOW_PRECISION:
-                    for p, s in zip(params, slow):
-                        st = self.state.get(p)
-                        master = st.get("master") if st else None
-                        if isinstance(master, Tensor) and master.shape == p.shape:
-                            master.copy_(s)
+            params, slow, groups = self._sync_plan()
+            sync_slow_(slow, params, self.alpha, backend=self.backend, groups=groups)
+            # a base optimizer with fp32 master weights of bf16/fp16 params (e.g. SAM on bf16)
+            if self.state and any(dt in LOW_PRECISION for _, dt in groups.kinds):
+                for p, s in zip(params, slow):
+                    st = self.state.get(p) if p.dtype in LOW_PRECISION else None
+                    master = st.get("master") if st else None
+                    if isinstance(master, Tensor) and master.shape == p.shape:
+                        master.copy_(s)
         self._counter = 0
 
     # ------------------------------------------------------------------ state dict

@@ -1,0 +1,249 @@
+"""ProbeOptimizer: Algorithm 1 of cmlr.txt for any probe Scheme and Direction, the common base of the CMLR family."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops.base_step import ADAMW, SGD
+from ._buckets import state_dtype
+from ._grad_mode import no_grad as _no_grad
+from .runtime import ProbeRuntime
+from .scheme import CENTRAL, MOMENTUM, Direction, Scheme, direction_of, scheme_of
+
+
+class ProbeOptimizer(ProbeRuntime):
+    r"""One inner step of the CMLR family (cmlr.txt, Algorithm 1 and eqs. 5-10, 115) for
+    the class's ``scheme`` (:class:`~lookahead_ext.optim.scheme.Scheme`: which probes, d),
+    ``direction`` (:class:`~lookahead_ext.optim.scheme.Direction`: where v comes from) and
+    ``lookahead`` (whether the K inner steps run inside the Lookahead outer loop, line 18):
+
+    1. v = g0 = grad L(w) for a ``"grad"`` direction, or at the start of a carried v
+       (line 4); else the carried v
+    2. v_hat = v / (||v|| + norm_eps), the norm over all parameters of all groups (line 6)
+    3. the scheme's probes at w and/or w +- rho v_hat (lines 9-10)
+    4. d = c0 g0 + c+ g+ + c- g- with the scheme's coefficients of (rho, lam) (eqs. 6, 8, 9)
+    5. w <- base optimizer step with d (torch.optim.SGD or AdamW semantics) (line 13)
+    6. carried v: v <- beta_k v_hat + (1-beta_k)(gamma a/||a|| + (1-gamma) b/||b||) with
+       (a, b) the scheme's ``v_terms`` (eq. 115; eq. 10 is gamma = 0.5), beta_k = beta_s +
+       (beta_e - beta_s) k/(K-1) (line 15). The momentum term is beta_k v_hat as in line
+       16, not beta_k v as eqs. 10/115 print it (with v_0 = g_0 un-normalised, the first
+       gradient's scale would dominate)
+    7. after the K-th step: slow <- slow + alpha (fast - slow), fast <- slow (line 18)
+
+    rho and lam may differ per param group (each group's slice of v_hat is scaled by its
+    own rho, its d uses its own rho and lam); the keys that shape the cycle (k, alpha,
+    beta_start, beta_end, gamma, init_v, norm_eps, backend, base, reset_base_state) are
+    read from param_groups[0]. A string ``scheme``/``direction`` class attribute is
+    resolved by name (``"forward"``, ``"central"``, ``"central_base"``; ``"grad"``,
+    ``"momentum"``, ``"lagged"``).
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate of the base step (float or 1-element tensor). Default: 1e-3.
+        base: base optimizer applied to d, ``"sgd"`` (torch.optim.SGD) or ``"adamw"``
+            (torch.optim.AdamW, amsgrad=False). Default: ``"sgd"``.
+        momentum: SGD momentum. Default: 0.
+        dampening: SGD dampening. Default: 0.
+        nesterov: SGD Nesterov momentum. Default: False.
+        weight_decay: weight decay of the base step; None = the base's torch default
+            (0 for SGD, 1e-2 for AdamW, decoupled). Default: None.
+        betas: AdamW's (beta1, beta2). Default: (0.9, 0.999).
+        eps: AdamW's epsilon. Default: 1e-8.
+        rho: perturbation radius rho. Default: 0.05.
+        lam: regularisation strength lambda of d. Default: 0.1.
+        k: inner steps K per Lookahead cycle. Default: 10.
+        alpha: Lookahead outer step size alpha. Default: 0.9.
+        beta_start: beta_s of the v update's schedule. Default: 0.9.
+        beta_end: beta_e of the v update's schedule. Default: 0.99.
+        gamma: weight of the first v term in eq. 115. Default: 0.5.
+        init_v: ``"grad"``: v restarts at g0 = grad L(w) at every cycle start (line 4,
+            one extra evaluation); ``"carry"``: v carried across cycles. Default: ``"grad"``.
+        norm_eps: epsilon of every norm, ``||x|| + norm_eps``. Default: 1e-12.
+        backend: fused-op backend (``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"``,
+            ``"triton"``). Default: ``"auto"``.
+        reset_base_state: clear the base optimizer's state at every sync. Default: False.
+        track_cosine: record cos(d_k, d_{k-1}) in ``cosine_history``. Default: False.
+    """
+
+    direction: Direction = MOMENTUM
+    scheme: Scheme = CENTRAL
+    lookahead = True
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.scheme = scheme_of(cls.scheme)
+        cls.direction = direction_of(cls.direction)
+
+    def __init__(self, params, lr: float = 1e-3, base: str = SGD, momentum: float = 0.0,
+                 dampening: float = 0.0, nesterov: bool = False,
+                 weight_decay: Optional[float] = None,
+                 betas: tuple = (0.9, 0.999), eps: float = 1e-8, rho: float = 0.05,
+                 lam: float = 0.1, k: int = 10, alpha: float = 0.9, beta_start: float = 0.9,
+                 beta_end: float = 0.99, gamma: float = 0.5, init_v: str = "grad",
+                 norm_eps: float = 1e-12, backend: str = "auto", reset_base_state: bool = False,
+                 track_cosine: bool = False):
+        if weight_decay is None:  # the base optimizer's torch default
+            weight_decay = 1e-2 if base == ADAMW else 0.0
+        defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening,
+                        nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                        rho=rho, lam=lam, k=k, alpha=alpha, beta_start=beta_start,
+                        beta_end=beta_end, gamma=gamma, init_v=init_v, norm_eps=norm_eps,
+                        backend=backend, reset_base_state=reset_base_state)
+        self._v_sq: Optional[tuple] = None  # (||v||^2, [(v tensor, version)]): see _v_norm_sq
+        super().__init__(params, defaults, track_cosine=track_cosine)
+
+    # ------------------------------------------------------------------ the scheme's numbers
+    def _lam(self, group: dict) -> float:
+        """The regularisation strength of a group (SAM and ML-SAM tie it to rho)."""
+        return group["lam"]
+
+    def d_coefs(self, group: Optional[dict] = None) -> dict:
+        """{probe name: coefficient} of this optimizer's d for a param group (default the
+        first): d = sum over the scheme's probes of coefficient * gradient (before the
+        base step's weight decay)."""
+        g = self.param_groups[0] if group is None else group
+        return self.scheme.coef_dict(g["rho"], self._lam(g))
+
+    def beta_k(self, k: Optional[int] = None) -> float:
+        """beta_k = beta_s + (beta_e - beta_s) k/(K-1) (Algorithm 1, line 15; beta_s if K = 1
+        or no Lookahead; the direction's fixed beta if it has one)."""
+        k = self._engine["k"] if k is None else k
+        K, bs, be = self._glob("k"), self._glob("beta_start"), self._glob("beta_end")
+        if self.direction.beta is not None:
+            return self.direction.beta
+        if not self.lookahead or K == 1:
+            return bs
+        return bs + (be - bs) * k / (K - 1)
+
+    def evals_per_update(self) -> int:
+        """Gradient evaluations of one update as in Table 8 (a whole cycle for lookahead
+        ones; CMLR with init_v="carry" and CR need one more on their very first step)."""
+        K = self._glob("k") if self.lookahead else 1
+        anchor = "g0" in self.scheme.probes  # else v = g0 costs one more evaluation
+        per = self.scheme.evals + (0 if anchor or self.direction.carried else 1)
+        extra = 1 if (self.direction.restarts and not anchor
+                      and self._glob("init_v") == "grad") else 0
+        return per * K + extra
+
+    # ------------------------------------------------------------------ the step
+    def _probe_and_commit(self, buckets):
+        eng = self._engine
+        K = self._glob("k") if self.lookahead else 1
+        k = eng["k"]
+        carried = self.direction.carried
+        need_v_init = carried and (not eng["v_ready"] or (
+            self.direction.restarts and self._glob("init_v") == "grad" and k == 0))
+        fresh = not carried or need_v_init  # v = g0 this step
+
+        probes: dict[str, list] = {}
+        idx = 0
+        if fresh or "g0" in self.scheme.probes:
+            probes["g0"] = yield from self._probe(buckets, idx, "g0")
+            idx += 1
+        # the perturbation direction v (per bucket) and 1/||v||
+        with _no_grad():
+            if fresh:
+                vdir = self._dense(buckets, probes["g0"])
+                sq_v = self._probe_sq["g0"]  # from g0's fused check (zero-filled grads add 0)
+            else:
+                vdir = [[self._v(p) for p in b.params] for b in buckets]
+                sq_v = self._v_norm_sq(vdir)
+            inv_v = self._norm_inv(sq_v)
+        for name, sign in (("g+", +1.0), ("g-", -1.0)):
+            if name in self.scheme.probes:
+                probes[name] = yield from self._probe(buckets, idx, name, vdir, sign, inv_v)
+                idx += 1
+        with _no_grad():
+            self._commit(buckets, probes, vdir, inv_v, need_v_init, k, K)
+
+    def _v_norm_sq(self, vdir) -> Tensor:
+        """||v||^2 for this step: the value the previous combine_step_ accumulated while
+        writing v (v_sq_out), if every v tensor is still the one written then, unmodified
+        (same object, same version counter); else a multi_dot pass over v."""
+        cached, self._v_sq = self._v_sq, None
+        if cached is not None:
+            flat = [t for vl in vdir for t in vl]
+            seen = cached[1]
+            if len(flat) == len(seen) and all(t is u and t._version == ver
+                                              for t, (u, ver) in zip(flat, seen)):
+                return cached[0]
+        return self._global_sq([[vl] for vl in vdir], [(0, 0)])[0]
+
+    def _v(self, p) -> Tensor:
+        # a parameter that joined after v was formed has v = 0: no perturbation
+        return self._state_buffer(p, "v")
+
+    def _v_update(self, k, inv_v):
+        """The scalars of the v update (eq. 115): (bv, a_first, a_other, zero), from the
+        global norms of the scheme's two v terms (from the probes' fused checks)."""
+        first, other = self.scheme.v_terms
+        inv_first = self._norm_inv(self._probe_sq[first])
+        inv_other = self._norm_inv(self._probe_sq[other])
+        beta, gamma = self.beta_k(k), self._glob("gamma")
+        a_first = (1.0 - beta) * gamma * inv_first
+        a_other = (1.0 - beta) * (1.0 - gamma) * inv_other
+        if isinstance(a_first, Tensor):  # device scalars (CUDA): no host sync
+            zero = torch.zeros_like(a_first)
+            bv = beta * inv_v.to(device=a_first.device, dtype=a_first.dtype)
+        else:  # host floats (CPU, see groups.inv_norm)
+            zero, bv = 0.0, beta * inv_v
+        return bv, a_first, a_other, zero
+
+    def _commit(self, buckets, probes, vdir, inv_v, need_v_init, k, K):
+        backend = self._backend()
+        all_buckets = buckets
+        if self._missing:
+            keep_masks = self._keep_masks(buckets, probes)
+            vdir = [[t for t, kk in zip(vl, keep) if kk] for vl, keep in zip(vdir, keep_masks)]
+        else:
+            keep_masks = None
+        buckets, filled = self._gather(buckets, probes, keep_masks)
+
+        carried = self.direction.carried
+        if carried:
+            v_scalars = self._v_update(k, inv_v)
+            v_sq = self._v_sq_accumulator(buckets)
+        written_v: list = []  # the v tensors combine_step_ rewrites (see _v_norm_sq)
+        for bi, b in enumerate(buckets):
+            if not b.params:
+                continue
+            grads = tuple(filled[n][bi] if n in filled and n in self.scheme.probes else None
+                          for n in ("g0", "g+", "g-"))
+            coefs = self.scheme.coefs(b.group["rho"], self._lam(b.group))
+            v = v_coefs = None
+            if carried:
+                v = [self._v(p) for p in b.params]
+                written_v.extend(v)
+                if need_v_init:               # Algorithm 1, line 4: v_0 = g_0
+                    torch._foreach_copy_(v, vdir[bi])
+                dev = v[0].device
+                v_coefs = self.scheme.v_coefs(*v_scalars)
+                if isinstance(v_scalars[0], Tensor):
+                    v_coefs = tuple(c.to(dev) for c in v_coefs)
+            self._base_step(b, grads, coefs, v, v_coefs, backend,
+                            v_sq_out=v_sq if carried else None)
+
+        # hand the last probe's gradient back in .grad, as after a normal backward()
+        last = list(probes)[-1]
+        for bi, b in enumerate(buckets):
+            for p, gr in zip(b.params, filled[last][bi]):
+                p.grad = gr if gr.dtype == p.dtype else gr.to(p.dtype)
+        if carried:
+            self._engine["v_ready"] = True
+            if v_sq is not None:  # every v was rewritten by this step: ||v||^2 for the next
+                self._v_sq = (v_sq[0], [(t, t._version) for t in written_v])
+        self._finish(all_buckets, k)
+
+    def _v_sq_accumulator(self, buckets) -> Optional[Tensor]:
+        """A zeroed float32 [1] for combine_step_'s v_sq_out when the step rewrites every v
+        on one device in float32 state (fp64 state keeps its own precision through the
+        multi_dot pass, and a dropped parameter keeps an unrewritten v); else None."""
+        if self._missing:
+            return None
+        kinds = {b.kind for b in buckets if b.params}  # (device, dtype) per bucket
+        if len({dev for dev, _ in kinds}) != 1 or any(state_dtype(dt) != torch.float32
+                                                      for _, dt in kinds):
+            return None
+        return torch.zeros(1, dtype=torch.float32, device=next(iter(kinds))[0])

@@ -1,0 +1,500 @@
+"""The probe runtime: the probe protocol, buckets, fp32 masters and backups, restore, skip, Lookahead sync and state_dict."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..ops.base_step import BaseStep
+from ._buckets import Bucket, make_buckets, param_signature, trainable
+from ._grad_mode import no_grad as _no_grad
+from ._slow import SlowWeightsMixin, init_slow
+from .diagnostics import CosineTracking
+from .groups import (advance_steps, base_step_, global_sq, inv_norm, per_parameter_steps,
+                     state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
+from .hooks import ProbeHooks
+from .validation import check_real_params, validate_group
+from .. import ops
+
+ENGINE_KEY = "lookahead_ext"  # the state_dict entry of the runtime's own state
+_BASE_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "step")
+_HOOK_DICTS = ("_probe_pre_hooks", "_probe_post_hooks", "_probe_hooks_always_called",
+               "_norm_reducers", "_grad_unscalers")
+
+
+class Probe:
+    """One gradient evaluation requested by the optimizer.
+
+    ``name`` is "g0" (at w), "g+" (at w + rho v_hat) or "g-" (at w - rho v_hat). When the
+    loop body runs, the parameters already hold the probe point and their .grad is None.
+    Set ``probe.loss`` to the loss tensor (optional) so that a non-finite loss skips the
+    update and ``optimizer.last_loss`` reports the first probe's loss.
+    """
+
+    __slots__ = ("index", "name", "loss")
+
+    def __init__(self, index: int, name: str):
+        self.index, self.name, self.loss = index, name, None
+
+    def __repr__(self) -> str:
+        return f"Probe({self.index}, {self.name!r})"
+
+
+class _Skip(Exception):
+    pass
+
+
+def _finite_loss(loss) -> bool:
+    if isinstance(loss, Tensor):
+        return bool(torch.isfinite(loss.detach()).all())
+    if isinstance(loss, (int, float)):
+        return math.isfinite(loss)
+    return True
+
+
+class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
+    """Base of every probe optimizer: runs an algorithm that evaluates the gradient at
+    several points per step, written as a generator ``_probe_and_commit(buckets)`` (see
+    docs/extending.md; :class:`~lookahead_ext.optim.ProbeOptimizer` is the CMLR family's).
+
+    What the runtime guarantees to every algorithm:
+
+    - Parameters are bucketed by (param group, device, dtype). float32/float64 buckets
+      back w up into scratch "masters" fused with their first perturbation; bf16/fp16
+      buckets keep persistent float32 masters in the state (the parameter is cast(master)).
+    - Each probe's gradients are read once for the NaN/Inf check and their squared norm.
+      A non-finite loss or gradient skips the whole update: weights restored bit for bit,
+      no state change (``num_skipped`` grows), a RuntimeWarning, no further probes.
+    - A parameter whose .grad is None after every probe of a step is left untouched; one
+      without .grad in some probes has a zero gradient there.
+    - Breaking out of ``probes()`` (or an exception in the loop body) restores w exactly.
+    - Lookahead members (``lookahead = True``) sync slow weights after every K-th step.
+
+    Param-group keys it reads: the base step's (base, lr, momentum, dampening, nesterov,
+    weight_decay, betas, eps), rho (probe radius), and from param_groups[0]: k, alpha,
+    norm_eps, backend, reset_base_state.
+    """
+
+    lookahead = False
+
+    def __init__(self, params, defaults: dict, track_cosine: bool = False):
+        self._validate(defaults)
+        self._init_hooks()
+        super().__init__(params, defaults)
+        for g in self.param_groups:
+            self._validate(g)
+            check_real_params(g["params"], type(self).__name__)
+        self._engine = dict(k=0, steps=0, cycles=0, evals=0, skipped=0, v_ready=False)
+        self._scratch: dict = {}
+        self._plan: Optional[tuple] = None  # (signature, buckets): see _step_buckets
+        self._missing = False
+        self._probe_sq: dict = {}
+        self._slow: dict = {}
+        self.last_loss = None
+        self.track_cosine = bool(track_cosine)
+        self.cosine_history: list[float] = []
+        self._dirs: Optional[list] = None
+        if self.lookahead:
+            init_slow(trainable(self.param_groups), self._slow)
+
+    _validate = staticmethod(validate_group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_engine"):
+            self._validate(self.param_groups[-1])
+            check_real_params(self.param_groups[-1]["params"], type(self).__name__)
+            if self.lookahead:
+                init_slow(trainable([self.param_groups[-1]]), self._slow)
+
+    # ------------------------------------------------------------------ properties
+    def _glob(self, key):
+        return self.param_groups[0][key]
+
+    def _backend(self) -> str:
+        return self._glob("backend")
+
+    @property
+    def num_evals(self) -> int:
+        """Forward/backward passes (gradient evaluations) performed so far."""
+        return self._engine["evals"]
+
+    @property
+    def num_steps(self) -> int:
+        """Inner steps applied (skipped steps excluded)."""
+        return self._engine["steps"]
+
+    @property
+    def num_skipped(self) -> int:
+        """Updates skipped because a loss or gradient was not finite."""
+        return self._engine["skipped"]
+
+    @property
+    def cycle_position(self) -> int:
+        """Index k of the next inner step within the current Lookahead cycle."""
+        return self._engine["k"]
+
+    # ------------------------------------------------------------------ the step
+    def step(self, closure=None):
+        """Perform one inner step. ``closure`` computes the loss at the current parameters,
+        calls backward() and returns the loss; the optimizer sets the parameters to each
+        probe point and zeroes the grads before each call. Returns the loss of the first
+        evaluation."""
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure: it evaluates the gradient at "
+                "several points per step. Pass `closure` (computes the loss, calls backward(), "
+                "returns the loss), or drive the step call by call: "
+                "`for probe in opt.probes(): loss = compute(); loss.backward(); probe.loss = loss`.")
+        gen = self._update()  # torch's step wrapper runs the step hooks around this call
+        try:
+            for probe in gen:
+                with torch.enable_grad():
+                    probe.loss = closure()
+        finally:
+            gen.close()
+        return self.last_loss
+
+    def probes(self) -> Iterator[Probe]:
+        """Call-by-call API: iterate, and in each iteration compute the loss at the current
+        parameters and call backward() (several backward() calls accumulate, as usual, e.g.
+        for gradient accumulation over micro-batches). Optionally set ``probe.loss``.
+
+        The update is applied when the loop ends. Breaking out early (or an exception in
+        the loop body) abandons the step and restores the weights exactly. torch's step
+        pre hooks run when the iteration starts and its post hooks after the update (not
+        for an abandoned step), as around ``step()``.
+        """
+        self._run_step_hooks(post=False)
+        yield from self._update()
+        self._run_step_hooks(post=True)
+
+    def _update(self) -> Iterator[Probe]:
+        self.last_loss = None
+        self._missing = False  # set by _probe: some parameter had no gradient in some probe
+        self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients
+        self._dirs = [] if self.track_cosine else None
+        buckets = self._step_buckets()
+        committed = False
+        try:
+            yield from self._probe_and_commit(buckets)
+            committed = True
+        except _Skip:
+            committed = True  # weights already restored
+            self._dirs = None
+        finally:
+            if not committed:
+                with torch.no_grad():
+                    self._restore(buckets)
+        if self._dirs is not None:
+            with torch.no_grad():
+                self._record_cosine()
+        self._dirs = None
+        self._opt_called = True  # lets torch lr schedulers know a step happened
+
+    def _probe_and_commit(self, buckets):
+        """The algorithm: a generator that ``yield from``s ``self._probe(...)`` for each
+        gradient it needs, then updates the weights and calls ``self._finish``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ buckets
+    def _step_buckets(self) -> list[Bucket]:
+        """This step's buckets, rebuilt only when the parameters changed (param_signature):
+        building them costs more than the fused ops on small models; load_state_dict drops
+        the plan."""
+        groups = self.param_groups
+        sig = param_signature(groups)
+        plan = self._plan
+        if plan is None or plan[0] != sig:
+            with torch.no_grad():
+                plan = self._plan = (sig, make_buckets(groups, self.state, self._scratch))
+        for b in plan[1]:
+            b.synced, b.perturbed = b.low_precision, False
+        return plan[1]
+
+    def _restore(self, buckets) -> None:
+        """Put the params back at w (a no-op for buckets never perturbed this step)."""
+        for b in buckets:
+            if b.params and b.perturbed:
+                torch._foreach_copy_(b.params, b.masters)
+                b.perturbed = False
+
+    def _ensure_synced(self, buckets) -> None:
+        """Make the masters hold w (for buckets whose fused backup has not happened)."""
+        for b in buckets:
+            if b.params and not b.synced:
+                if b.perturbed:  # cannot happen: perturbing syncs first
+                    raise RuntimeError("internal error: perturbed before backup")
+                torch._foreach_copy_(b.masters, b.params)
+                b.synced = True
+
+    def _skip(self, buckets, why: str):
+        with torch.no_grad():
+            self._restore(buckets)
+            for b in buckets:
+                for p in b.params:
+                    p.grad = None
+        self._engine["skipped"] += 1
+        warnings.warn(f"{type(self).__name__}: skipped the update ({why}); weights and "
+                      f"optimizer state are unchanged (skipped so far: {self._engine['skipped']}).",
+                      RuntimeWarning, stacklevel=4)
+        raise _Skip()
+
+    # ------------------------------------------------------------------ norms, grads, state
+    def _norm_inv(self, sq):
+        """1 / (||x|| + norm_eps) from a global squared norm, after the registered norm
+        reducers (see groups.inv_norm: a float on the CPU, a 0-d tensor elsewhere)."""
+        if self._norm_reducers:
+            sq = self._reduce_norm(torch.tensor(sq, dtype=torch.float32)
+                                   if isinstance(sq, float) else sq)
+        return inv_norm(sq, self._glob("norm_eps"))
+
+    def _global_sq(self, lists_per_bucket, pairs) -> Tensor:
+        """groups.global_sq with this optimizer's backend."""
+        return global_sq(lists_per_bucket, pairs, self._backend())
+
+    _sum_parts = staticmethod(sum_parts)
+
+    @staticmethod
+    def _dense(buckets, grads):
+        """Per-bucket gradient lists with None replaced by zeros (groups.zero_filled)."""
+        return [zero_filled(gl, b.params) for gl, b in zip(grads, buckets)]
+
+    def _state_buffer(self, p: Tensor, name: str, st: Optional[dict] = None) -> Tensor:
+        """A persistent per-parameter buffer in ``self.state[p]`` (saved by state_dict),
+        zeros on first use (``st``: ``self.state[p]`` if the caller holds it)."""
+        return state_buffer(p, self.state[p] if st is None else st, name)
+
+    # ------------------------------------------------------------------ one probe
+    def _probe(self, buckets, index, name, direction=None, sign=0.0, inv_vnorm=None):
+        """Put every bucket's params at w + sign*rho*inv_vnorm*direction (``direction``: per
+        bucket, a tensor list; none = at w), yield a Probe, then capture and return the
+        gradients (per bucket, a list with None for params without grad), count the
+        evaluation and skip the update on non-finite values."""
+        backend = self._backend()
+        with _no_grad():
+            for bi, b in enumerate(buckets):
+                if not b.params:
+                    continue
+                if direction is None or sign == 0.0:
+                    self._restore([b])
+                else:
+                    scale = inv_vnorm * (sign * b.group["rho"])
+                    if b.synced:
+                        ops.perturb_(b.params, b.masters, direction[bi], scale, backend=backend)
+                    else:  # fused: masters <- params (w), params <- w + scale*direction
+                        ops.perturb_(b.params, b.params, direction[bi], scale,
+                                     backup=b.masters, backend=backend)
+                        b.synced = True
+                    b.perturbed = True
+                if not self._probe_sq:  # a probe's capture (it fills _probe_sq) left them None
+                    for p in b.params:
+                        p.grad = None
+        probe = Probe(index, name)
+        if self._probe_pre_hooks:
+            self._run_probe_pre_hooks(probe)
+        if self._probe_hooks_always_called:
+            evaluated = False
+            try:
+                yield probe
+                evaluated = True
+            finally:
+                if not evaluated:
+                    self._run_probe_hooks(probe, [p for b in buckets for p in b.params], True)
+        else:
+            yield probe
+        self._engine["evals"] += 1
+        if self._probe_post_hooks:
+            self._run_probe_hooks(probe, [p for b in buckets for p in b.params], False)
+        if index == 0:
+            self.last_loss = probe.loss
+        if probe.loss is not None and not _finite_loss(probe.loss):
+            self._skip(buckets, f"non-finite loss at probe {name}")
+        return self._capture(buckets, name, backend)
+
+    def _capture(self, buckets, name, backend):
+        grads, checks, missing = [], {}, False
+        for b in buckets:
+            gl = []
+            flat = checks.setdefault(b.kind, [])  # one fused check per (device, dtype)
+            for p in b.params:
+                g = p.grad
+                if g is None:
+                    missing = True
+                elif g.layout is not torch.strided or g.is_complex():
+                    kind = "complex" if g.is_complex() else "sparse"
+                    with torch.no_grad():
+                        self._restore(buckets)
+                    raise RuntimeError(f"{type(self).__name__} does not support {kind} "
+                                       f"gradients (parameter of shape {tuple(p.shape)})")
+                else:
+                    flat.append(g)
+                gl.append(g)
+                p.grad = None  # keep this probe's gradient; the next probe starts from zero
+            grads.append(gl)
+        self._missing = self._missing or missing
+        inv_scale = self._grad_inv_scale() if self._grad_unscalers else None
+        # one read per gradient: NaN/Inf flag and the squared norm, per (device, dtype)
+        parts = []
+        for flat in checks.values():
+            if not flat:
+                continue
+            res = ops.nonfinite_([flat], inv_scale, sq_norms=True, backend=backend)
+            if res.device.type == "cpu":  # one host read of [flag, ||g||^2] (see inv_norm)
+                flag, sq = res.tolist()
+                parts.append((res, sq if res.dtype == torch.float32 else None))
+            else:  # reading the flag syncs; the norm stays on the device
+                flag = res[0].item()
+                parts.append((res, None))
+            if flag:
+                self._skip(buckets, f"non-finite gradient at probe {name}")
+        if len(parts) == 1 and parts[0][1] is not None:  # the usual CPU case: a float
+            self._probe_sq[name] = parts[0][1]
+        else:
+            self._probe_sq[name] = sum_parts([res[1:] for res, _ in parts], 1)[0]
+        return grads
+
+    # ------------------------------------------------------------------ commit
+    @staticmethod
+    def _keep_masks(buckets, probes: dict) -> list[list[bool]]:
+        """Per bucket, per parameter: True if it has a gradient in at least one probe."""
+        return [[any(probes[n][bi][i] is not None for n in probes) for i in range(len(b.params))]
+                for bi, b in enumerate(buckets)]
+
+    def _gather(self, buckets, probes: dict, kept=None):
+        """Drop params without a gradient in every probe (restored to w, left untouched) and
+        zero-fill missing gradients of the others. Returns (kept buckets, {name: dense grads}).
+        ``kept``: the keep masks if already computed."""
+        self._ensure_synced(buckets)
+        if not self._missing:  # every parameter has a gradient in every probe (the usual case)
+            return buckets, dict(probes)
+        kept = self._keep_masks(buckets, probes) if kept is None else kept
+        self._restore([b.select([not x for x in keep]) for b, keep in zip(buckets, kept)])
+        sel = [b.select(keep) for b, keep in zip(buckets, kept)]
+        filled = {n: self._dense(sel, [[g for g, kk in zip(gl, keep) if kk]
+                                       for gl, keep in zip(probes[n], kept)])
+                  for n in probes}
+        return sel, filled
+
+    def _base_step(self, b: Bucket, grads, coefs, v, v_coefs, backend, v_sq_out=None) -> None:
+        """ops.combine_step_ over one bucket: d = c0*g0 + c+*g+ + c-*g- (``grads``, ``coefs``:
+        3-tuples, None for an unused gradient), the torch SGD/AdamW step with d (per-parameter
+        base state created/advanced, groups.per_parameter_steps), the optional v update
+        (``v_coefs = (bv, a0, a+, a-)``, ``v_sq_out``: see ops.combine_step_). fp32/fp64
+        buckets write the new w to the params only (their masters are scratch)."""
+        g = b.group
+        self._ensure_synced([b])
+        states = [self.state[p] for p in b.params]
+        template = BaseStep(kind=self._glob("base"), lr=float(g["lr"]),
+                            weight_decay=g["weight_decay"], momentum=g["momentum"],
+                            dampening=g["dampening"], nesterov=g["nesterov"],
+                            beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"])
+        for base, idx in per_parameter_steps(states, template):
+            sel = (lambda lst: lst) if idx is None else \
+                (lambda lst: None if lst is None else [lst[i] for i in idx])  # noqa: E731
+            params, pstates = sel(b.params), sel(states)
+            sgrads = tuple(sel(x) for x in grads)
+            if self._dirs is not None:
+                self._record_direction(params, sgrads, coefs)
+            base_step_(params, sel(b.masters), sgrads, coefs, base,
+                       state_buffers(params, pstates, base.state_names()), sel(v), v_coefs,
+                       v_sq_out=v_sq_out, write_masters=b.low_precision, backend=backend)
+            advance_steps(pstates, base)
+        if not b.low_precision:
+            b.synced = False
+
+    def _finish(self, buckets, k: Optional[int] = None) -> None:
+        """Bookkeeping at the end of an applied inner step, then the Lookahead sync after
+        the K-th one. ``buckets``: all buckets of the step (params without gradients too:
+        they are synced as well). Call once, at the end of ``_probe_and_commit``."""
+        eng = self._engine
+        k = eng["k"] if k is None else k
+        for b in buckets:
+            b.perturbed = False
+        eng["steps"] += 1
+        eng["k"] = k + 1
+        if not self.lookahead:
+            eng["k"] = 0
+        elif eng["k"] >= self._glob("k"):
+            self._sync_buckets(buckets)
+
+    # ------------------------------------------------------------------ lookahead
+    def _sync_buckets(self, buckets) -> None:
+        """slow <- slow + alpha (fast - slow), fast <- slow (Algorithm 1, line 18); restarts
+        the cycle. The fast weights are the fp32 masters of bf16/fp16 buckets, else the
+        params (their masters are scratch)."""
+        alpha, backend = self._glob("alpha"), self._backend()
+        for b in buckets:
+            if b.params:
+                sync_slow_([self._slow[p] for p in b.params],
+                           b.masters if b.low_precision else b.params, alpha, b.params, backend)
+        self._engine["k"] = 0
+        self._engine["cycles"] += 1
+        if self._glob("reset_base_state"):
+            for p in trainable(self.param_groups):
+                for name in _BASE_STATE:
+                    self.state[p].pop(name, None)
+
+    def _slow_map(self) -> dict:
+        if not self.lookahead:
+            raise RuntimeError(f"{type(self).__name__} has no slow weights (not a lookahead optimizer)")
+        return self._slow
+
+    @torch.no_grad()
+    def _sync_now(self) -> None:
+        self._slow_map()
+        self._sync_buckets(self._step_buckets())
+
+    # ------------------------------------------------------------------ copy, state dict
+    def __getstate__(self) -> dict:
+        """Everything but the hooks (as torch.optim: a copy starts without hooks) and the
+        per-step caches (rebuilt on the next step), so ``copy.deepcopy`` and pickling give
+        an optimizer that goes on exactly as this one."""
+        state = {k: v for k, v in self.__dict__.items()
+                 if not (k.startswith("_optimizer_") or k in _HOOK_DICTS)}
+        state.update(_plan=None, _scratch={})
+        if isinstance(state.get("last_loss"), Tensor):  # a graph's output: keep the value
+            state["last_loss"] = state["last_loss"].detach()
+        if "_v_sq" in state:
+            state["_v_sq"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_probe_pre_hooks" not in self.__dict__:  # unpickled (torch's load_state_dict
+            self._init_hooks()                        # also comes here: keep its hooks)
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        sd[ENGINE_KEY] = dict(engine=dict(self._engine),
+                              slow={index[id(p)]: s.clone() for p, s in self._slow.items()},
+                              cosine_history=list(self.cosine_history))
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict; tensors keep their saved dtype (fp32 state of bf16/fp16
+        params stays fp32, unlike torch.optim's cast to the parameter dtype)."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(ENGINE_KEY, None)
+        saved_state = state_dict.get("state", {})
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state.clear()
+
+        def move(x, p):
+            return x.detach().clone().to(p.device) if isinstance(x, Tensor) else x
+
+        for i, st in saved_state.items():
+            p = params[int(i)]
+            self.state[p] = {key: move(val, p) for key, val in st.items()}
+        if extra is not None:
+            self._engine = dict(extra["engine"])
+            self._slow = {params[int(i)]: move(s, params[int(i)]) for i, s in extra["slow"].items()}
+            self.cosine_history = list(extra.get("cosine_history", []))
+        self._scratch = {}
+        self._plan = None  # low-precision masters live in the state
