@@ -129,6 +129,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from ..ops.base_step import ADAMW, BASES, SGD, BaseStep
+from ..ops.plan_lists import PlanList, new_epoch
 from ..ops.reference import linear_combination
 from ._buckets import Bucket, make_buckets, param_signature, state_dtype, trainable
 from ._grad_mode import no_grad as _no_grad
@@ -385,6 +386,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         """This step's buckets, rebuilt only when the parameters changed (param_signature).
         Building buckets costs more than the fused ops themselves on small models;
         load_state_dict drops the plan."""
+        new_epoch()  # anything may have been re-pointed since the last step: re-check plan lists
         groups = self.param_groups
         sig = param_signature(groups)
         plan = self._plan
@@ -465,8 +467,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     def _dense(self, buckets, grads):
         """Per-bucket gradient lists with None replaced by zeros (of the parameter's dtype,
         like its gradients, so that every list handed to an op is of one dtype)."""
-        return [[g if g is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
-                 for g, p in zip(gl, b.params)] for gl, b in zip(grads, buckets)]
+        return [PlanList([g if g is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
+                          for g, p in zip(gl, b.params)]) for gl, b in zip(grads, buckets)]
 
     def _state_buffer(self, p: Tensor, name: str, st: Optional[dict] = None) -> Tensor:
         """``st``: ``self.state[p]`` when the caller has it already (saves the lookup)."""
@@ -510,8 +512,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             self._skip(buckets, f"non-finite loss at probe {name}")
         grads, checks, missing = [], {}, False
         for b in buckets:
-            gl = []
-            flat = checks.setdefault(b.kind, [])  # one fused check per (device, dtype)
+            gl = PlanList()  # read once by the check, reused by the base step
+            flat = checks.setdefault(b.kind, PlanList())  # one fused check per (device, dtype)
             for p in b.params:
                 g = p.grad
                 if g is None:
@@ -593,7 +595,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 vdir = self._dense(buckets, probes["g0"])
                 sq_v = self._probe_sq["g0"]  # from g0's fused check (zero-filled grads add 0)
             else:
-                vdir = [[self._v(p) for p in b.params] for b in buckets]
+                vdir = [PlanList([self._v(p) for p in b.params]) for b in buckets]
                 sq_v = self._v_norm_sq(vdir)
             inv_v = self._norm_inv(sq_v)
         probes["g+"] = yield from self._probe(buckets, idx, "g+", vdir, +1.0, inv_v)
@@ -660,7 +662,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 grads, coefs = (g0, gp, gm), (1.0, lam / (2 * rho), -lam / (2 * rho))
             v = v_coefs = None
             if momentum_like:
-                v = [self._v(p) for p in b.params]
+                v = PlanList([self._v(p) for p in b.params])
                 written_v.extend(v)
                 if need_v_init:               # Algorithm 1, line 4: v_0 = g_0
                     torch._foreach_copy_(v, vdir[bi])
@@ -741,7 +743,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                             nesterov=g["nesterov"], first=bool(key) if kind == SGD else False,
                             beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
                             step=key if kind == ADAMW else 1)
-            state = {name: [self._state_buffer(p, name, st) for p, st in zip(params, pstates)]
+            state = {name: PlanList([self._state_buffer(p, name, st) for p, st in zip(params, pstates)])
                      for name in base.state_names()}
             sgrads = tuple(sel(x) for x in grads)
             if self._dirs is not None:
