@@ -190,6 +190,10 @@ def measure(device: torch.device, n: int, calls: int, repeats: int, ops_: list, 
                     fresh.pop()()
                 row["triton_build"] = per_call_us(build, max(2, calls // 20), repeats,
                                                   before=new_buffers, clock=clock)
+            if device.type == "cuda":  # the same PlanList calls with their real launches
+                fn = op_call(op, planned, "triton")
+                fn()
+                row["triton_planlist_launched"] = per_call_us(fn, calls, repeats, sync=sync, clock=clock)
         if avail.get(native) == "ok":
             fn = op_call(op, plain, native)
             fn()
@@ -213,6 +217,7 @@ COLUMNS = {
     "triton_planlist": "Triton, PlanLists within an epoch (the engine's persistent plans)",
     "triton_planlist_new_epoch": "Triton, PlanLists re-checked (a new epoch before every call)",
     "triton_build": "Triton, tensors never seen (plan built)",
+    "triton_planlist_launched": "Triton, PlanLists, real launches (CUDA: compiled kernels, host time)",
     "cpp": "native CPU backend (real kernels, tiny tensors)",
     "cuda": "native CUDA backend (real launches, host time)",
 }
