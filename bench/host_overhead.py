@@ -122,23 +122,23 @@ def op_call(op: str, b: Buffers, backend: str):
 
 
 def step_calls(b: Buffers, backend: str):
-    """One CMLR inner step's op calls as the engine makes them (per probe: new gradient
-    lists; an epoch per step), and the number of op calls in it."""
+    """One CMLR inner step's op calls as the engine makes them: a new epoch, and gradient
+    lists that are new PlanLists (prepared untimed by `before`: autograd makes them).
+    Returns (before, step, number of op calls)."""
+    from lookahead_ext import ops
     from lookahead_ext.ops.plan_lists import new_epoch
     perturb_p = op_call("perturb", b, backend)
     nonfinite = op_call("nonfinite", b, backend)
     combine = op_call("combine", b, backend)
-    from lookahead_ext import ops
 
     def step():
         new_epoch()
         perturb_p()
-        b.regrad()
         nonfinite()
         ops.perturb_(b.params, b.masters, b.v, b.scale, backend=backend)
         ops.nonfinite_([b.gm], None, sq_norms=True, backend=backend)
         combine()
-    return step, 5
+    return b.regrad, step, 5
 
 
 def per_call_us(fn, calls: int, repeats: int, before=None, sync=None, clock=time.thread_time) -> float:
@@ -201,9 +201,10 @@ def measure(device: torch.device, n: int, calls: int, repeats: int, ops_: list, 
         res["ops"][op] = row
     if avail.get("triton") == "ok":
         with stubbed_launches():
-            step, n_calls = step_calls(planned, "triton")
+            before, step, n_calls = step_calls(planned, "triton")
             step()
-            res["triton_step_per_call"] = per_call_us(step, calls, repeats, clock=clock) / n_calls
+            res["triton_step_per_call"] = per_call_us(step, calls, repeats, before=before,
+                                                      clock=clock) / n_calls
     dst = [torch.zeros(s, device=device) for s in sizes]
     torch._foreach_add_(dst, 1.0)
     res["foreach_add_"] = per_call_us(lambda: torch._foreach_add_(dst, 1.0), calls, repeats, sync=sync,

@@ -337,3 +337,18 @@ def test_engine_changes_between_steps_match_the_reference(change):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         else:  # bf16 params = cast(fp32 masters): at most one bf16 rounding step apart
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_host_overhead_bench_runs():
+    """bench/host_overhead.py end to end on a few tensors (numbers not checked)."""
+    import importlib.util
+    import os
+    import time
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "host_overhead.py")
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.measure(DEVICE, 4, 2, 1, ["perturb", "combine"], time.thread_time)
+    assert set(res["ops"]) == {"perturb", "combine"}
+    assert res["ops"]["combine"]["triton_planlist"] > 0 and res["triton_step_per_call"] > 0
+    assert "| perturb |" in bench.to_md(res, {"device": "cpu"})
