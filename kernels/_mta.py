@@ -18,14 +18,21 @@ Design (works compiled on CUDA and under TRITON_INTERPRET=1 on CPU; checked in b
   get `tl.multiple_of(ptr, 16)` hints. Whole chunks (FULL) use the chunk end as the mask
   bound, which the compiler can prove divisible: with aligned pointers that gives 128-bit
   vector accesses (checked in tests/triton_compile_check.py); tail chunks use numel.
-- Tables are cached in a small LRU keyed by the exact (pointer, dtype) of every slot and
-  the numel of every row, plus the chunk config and device. The key *is* the table's
-  content, so an address reused by the caching allocator for another tensor of the
-  same size yields the same, still correct, table. Cached tables are never mutated.
+- Tables are cached in two levels, both keyed by content, so a cached table can never
+  disagree with the tensors it is used for. A *column* is one validated tensor list: its
+  tensors' (pointer, dtype, numel), all contiguous; equal contents share one interned
+  column with a serial uid. A *plan* (tables + work lists) is cached per (device, chunk,
+  column uids). An address reused by the caching allocator for another tensor of the same
+  size and dtype yields the same, still correct, column. Cached plans are never mutated.
+  A plain list is read in full on every call (4 reads per tensor, C-level maps); a
+  PlanList (lookahead_ext.ops.plan_lists) keeps its column for the current epoch, so a
+  call on PlanLists costs O(1) per list: the persistent launch plans of the engine.
 - Non-contiguous tensors are handled by a contiguous copy (written back for outputs).
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +41,8 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+
+from lookahead_ext.ops.plan_lists import PlanList, epoch
 
 # TRITON_INTERPRET is read by @triton.jit when a kernel is *defined*: record the mode the
 # kernels of this package were defined in.
@@ -92,7 +101,7 @@ def set_config(block: Optional[int] = None, iters: Optional[int] = None,
         CONFIG.iters = max(1, int(iters))
     if num_warps is not None:
         CONFIG.num_warps = int(num_warps)
-    _CACHE.clear()
+    cache_clear()
     return CONFIG
 
 
@@ -107,16 +116,18 @@ class Group:
     n_full: int = 0          # leading work entries whose chunk lies wholly inside its tensor
     aligned: bool = False    # every pointer of the group is 16-byte aligned
 
-    def launches(self):
-        """(work list, programs, FULL) per launch: whole chunks run unmasked-in-effect
-        (mask bound = chunk end, known to the compiler: vectorized accesses), partial
-        last chunks with the tensor's numel as bound."""
-        out = []
+    def __post_init__(self):
+        # (work list, programs, FULL) per launch: whole chunks run unmasked-in-effect (mask
+        # bound = chunk end, known to the compiler: vectorized accesses), partial last
+        # chunks with the tensor's numel as bound. Sliced once: plans are reused.
+        self._launches = []
         if self.n_full:
-            out.append((self.work, self.n_full, True))
+            self._launches.append((self.work, self.n_full, True))
         if self.n_work > self.n_full:
-            out.append((self.work[3 * self.n_full:], self.n_work - self.n_full, False))
-        return out
+            self._launches.append((self.work[3 * self.n_full:], self.n_work - self.n_full, False))
+
+    def launches(self):
+        return self._launches
 
 
 @dataclass
@@ -127,53 +138,97 @@ class Plan:
     total: torch.Tensor      # int64 [2] = (0, n_cols): one segment over every chunk
 
 
+@dataclass(frozen=True, eq=False)
+class Column:
+    """One validated, contiguous tensor list, interned by content (equal contents: the same
+    object, hence the same uid)."""
+    uid: int
+    ptrs: tuple
+    dtypes: tuple
+    numels: tuple
+    fp64: bool               # some tensor is float64: the op goes to the reference
+
+
+class Float64(Exception):
+    """Raised before any launch when a list holds float64 tensors (the backend then
+    delegates the call to the reference implementation)."""
+
+
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_contiguous = torch.Tensor.is_contiguous
+_dtype = operator.attrgetter("dtype")
+_UIDS = itertools.count()
+_COLUMNS: "OrderedDict[tuple, Column]" = OrderedDict()
+COLUMNS_SIZE = 256
+
+
+def column(tensors: list) -> Column:
+    """The interned column of a list of contiguous tensors: every tensor read (C-level maps)."""
+    key = (tuple(map(_data_ptr, tensors)), tuple(map(_dtype, tensors)), tuple(map(_numel, tensors)))
+    col = _COLUMNS.get(key)
+    if col is None:
+        col = Column(next(_UIDS), *key, torch.float64 in key[1])
+        _COLUMNS[key] = col
+        if len(_COLUMNS) > COLUMNS_SIZE:
+            _COLUMNS.popitem(last=False)
+    else:
+        _COLUMNS.move_to_end(key)
+    return col
+
+
 _CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()
 CACHE_SIZE = 64
 
 
 def cache_clear() -> None:
+    """Forget every cached plan and column (PlanLists re-check on their next use)."""
     _CACHE.clear()
+    _COLUMNS.clear()
 
 
-def plan(slots: Sequence[Optional[Sequence[torch.Tensor]]], device: torch.device) -> Plan:
+def plan(slots: Sequence[Optional[Sequence[torch.Tensor]]], device: torch.device,
+         cols: Optional[Sequence[Optional[Column]]] = None) -> Plan:
     """Build (or fetch from cache) the tables for `slots`: S lists (None = absent slot) of
-    n contiguous tensors each; row r is (slots[0][r], ..., slots[S-1][r]).
+    n contiguous tensors each; row r is (slots[0][r], ..., slots[S-1][r]). `cols`: the
+    slots' columns when the caller has them (Prepared), else they are read here.
 
-    Hot path (cache hit): one data_ptr/dtype/numel per tensor. Row sizes and devices are
+    Hot path (cache hit): a dict lookup on the columns' uids. Row sizes and devices are
     validated when a plan is built; a hit has the same pointers, dtypes and sizes as a
     validated plan (with UVA a pointer also names its device)."""
-    cfg = CONFIG
-    chunk = cfg.chunk
-    parts = []
-    for s in slots:
-        if s is None:
-            parts.append(None)
-        else:
-            parts.append((tuple([t.data_ptr() for t in s]), tuple([t.dtype for t in s]),
-                          tuple([t.numel() for t in s])))
-    key = (str(device), chunk, tuple(parts))
+    if cols is None:
+        cols = [None if s is None else column(list(s)) for s in slots]
+    chunk = CONFIG.chunk
+    key = (device, chunk, tuple([None if c is None else c.uid for c in cols]))
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
+    p = _build(slots, cols, device, chunk)
+    _CACHE[key] = p
+    if len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return p
 
-    present = [s for s in slots if s is not None]
-    n = len(present[0])
-    for s in present:
-        for r, t in enumerate(s):
+
+def _build(slots, cols, device, chunk) -> Plan:
+    present = [i for i, c in enumerate(cols) if c is not None]
+    n = len(cols[present[0]].ptrs)
+    numels = cols[present[0]].numels
+    for i in present:
+        for r, t in enumerate(slots[i]):
             if t.device != device:
                 raise ValueError(f"triton backend: tensors on different devices ({device}, {t.device})")
-            if t.numel() != present[0][r].numel():
+            if cols[i].numels[r] != numels[r]:
                 raise ValueError(f"triton backend: size mismatch in row {r}: "
-                                 f"{tuple(present[0][r].shape)} vs {tuple(t.shape)}")
+                                 f"{tuple(slots[present[0]][r].shape)} vs {tuple(t.shape)}")
     key_rows = []
     for r in range(n):
-        row = [present[0][r].numel()]
-        for part in parts:
-            row.append(None if part is None else (part[0][r], part[1][r]))
+        row = [numels[r]]
+        for c in cols:
+            row.append(None if c is None else (c.ptrs[r], c.dtypes[r]))
         key_rows.append(tuple(row))
 
-    S = len(slots)
     # global chunk columns, row-major
     seg = [0]
     for r in range(n):
@@ -207,45 +262,63 @@ def plan(slots: Sequence[Optional[Sequence[torch.Tensor]]], device: torch.device
     groups = [Group(dts, meta[t_off:w_off], meta[w_off:w_off + 3 * n_work], n_work, rows,
                     n_full, aligned)
               for dts, rows, t_off, w_off, n_work, n_full, aligned in layout]
-    p = Plan(groups, meta[:n + 1], seg[-1], meta[n + 1:n + 3])
-    _CACHE[key] = p
-    if len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return p
+    return Plan(groups, meta[:n + 1], seg[-1], meta[n + 1:n + 3])
 
 
 # ----------------------------------------------------------------------------- inputs
 class Prepared:
-    """Contiguous views/copies of the slot lists; `finish()` writes back the copies made
-    for non-contiguous outputs."""
+    """Contiguous views/copies of the slot lists and their columns; `plan()` gives their
+    tables, `finish()` writes back the copies made for non-contiguous outputs. Raises
+    Float64 (before anything is written) when a list holds float64 tensors.
+
+    A PlanList checked in this epoch is taken as it is (O(1)); any other list is read in
+    full (contiguity, pointers, dtypes, sizes) and a PlanList keeps what was read."""
 
     def __init__(self, slots, writes=()):
         self.slots = []
+        self.cols = []
         self._back = []
         n = None
+        ep = epoch()
         for si, lst in enumerate(slots):
             if lst is None:
                 self.slots.append(None)
+                self.cols.append(None)
                 continue
-            lst = list(lst)
+            if type(lst) is PlanList and lst._col is not None and lst._epoch == ep:
+                col = lst._col
+            else:
+                if not isinstance(lst, list):
+                    lst = list(lst)
+                if all(map(_contiguous, lst)):
+                    col = column(lst)
+                    if type(lst) is PlanList:
+                        lst._col, lst._epoch = col, ep
+                else:
+                    out = []
+                    for t in lst:
+                        if not t.is_contiguous():
+                            c = t.contiguous()
+                            if si in writes:
+                                self._back.append((t, c))
+                            t = c
+                        out.append(t)
+                    lst = out
+                    col = column(lst)
             if n is None:
                 n = len(lst)
             elif len(lst) != n:
                 raise ValueError("triton backend: all tensor lists of an op must have the same length")
-            if not all([t.is_contiguous() for t in lst]):
-                out = []
-                for t in lst:
-                    if not t.is_contiguous():
-                        c = t.contiguous()
-                        if si in writes:
-                            self._back.append((t, c))
-                        t = c
-                    out.append(t)
-                lst = out
+            if col.fp64:
+                raise Float64()
             self.slots.append(lst)
+            self.cols.append(col)
         self.n = n or 0
         first = next((s for s in self.slots if s), None)
         self.device = first[0].device if first else None
+
+    def plan(self) -> Plan:
+        return plan(self.slots, self.device, self.cols)
 
     def finish(self):
         for t, c in self._back:

@@ -16,6 +16,8 @@ v after the step (deterministic, per-program partials + a fixed-order sum; not f
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import triton
 import triton.language as tl
@@ -183,10 +185,11 @@ def _present(coef, lst) -> bool:
 
 def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
                   v_sq_out=None, write_masters=True) -> None:
-    check_combine_extras(params, masters, v, v_sq_out, write_masters)
+    # write_masters=False's per-tensor dtype rule is checked on the columns below
+    check_combine_extras(params, masters, v, v_sq_out, True)
     if not params:
         return
-    g0, gp, gm = (None if g is None else list(g) for g in grads)
+    g0, gp, gm = (g if g is None or isinstance(g, list) else list(g) for g in grads)
     c0, cp, cm = (float(c) for c in coefs)
     adam = base.kind == ADAMW
     if adam:
@@ -204,10 +207,12 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
                  HAS_V=has_v, VB=has_v and _present(bv, v), V0=has_v and _present(a0, g0),
                  VP=has_v and _present(ap, gp), VM=has_v and _present(am, gm))
     # params that are their own masters: storing params is storing the masters
-    write_w = bool(write_masters) or all(a is b for a, b in zip(params, masters))
+    write_w = bool(write_masters) or all(map(operator.is_, params, masters))
     prep = _mta.Prepared([params, masters, g0, gp, gm, v if has_v else None, s1, s2],
                          writes=(_P, _W, _V, _S1, _S2) if write_w else (_P, _V, _S1, _S2))
-    p = _mta.plan(prep.slots, prep.device)
+    if not write_masters and prep.cols[_P].dtypes != prep.cols[_W].dtypes:
+        check_combine_extras(params, masters, v, v_sq_out, write_masters)  # raises, naming the tensor
+    p = prep.plan()
     dev = prep.device
     sargs = [_mta.scalar_arg(x, dev, p.seg) for x in (bv, a0, ap, am)]
     cfg = _mta.CONFIG

@@ -54,7 +54,7 @@ def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
     if not slow:
         return
     prep = _mta.Prepared([slow, fast, params], writes=(0, 1, 2))
-    p = _mta.plan(prep.slots, prep.device)
+    p = prep.plan()
     cfg = _mta.CONFIG
     for g in p.groups:
         if g.dtypes[0] != torch.float32:

@@ -108,7 +108,7 @@ def multi_dot(lists: Sequence[Sequence[torch.Tensor]], pairs, per_tensor: bool =
     partials = None
     for x, y, job in sched:
         prep = _mta.Prepared([lists[x], None if y is None else lists[y]])
-        p = _mta.plan(prep.slots, prep.device)
+        p = prep.plan()
         if partials is None:
             partials = torch.empty(len(keys), max(p.n_cols, 1), dtype=torch.float32, device=device)
             seg, total, n_cols = p.seg, p.total, p.n_cols

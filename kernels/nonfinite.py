@@ -63,13 +63,14 @@ def nonfinite_(lists, inv_scale=None, sq_norms=False) -> torch.Tensor:
 
 
 def _nonfinite_flag(lists, inv_scale=None) -> torch.Tensor:
-    flat = [t for lst in lists for t in lst]
+    # one list is taken as it is (a PlanList keeps its checked column)
+    flat = lists[0] if len(lists) == 1 else [t for lst in lists for t in lst]
     device = flat[0].device if flat else torch.device("cpu")
     out = torch.zeros((), dtype=torch.float32, device=device)
     if not flat:
         return out
     prep = _mta.Prepared([flat], writes=(0,) if inv_scale is not None else ())
-    p = _mta.plan(prep.slots, prep.device)
+    p = prep.plan()
     if p.n_cols == 0:
         return out
     unscale = inv_scale is not None

@@ -61,7 +61,7 @@ def perturb_(out, base, direction, scale, backup=None) -> None:
     if not out:
         return
     prep = _mta.Prepared([out, base, direction, backup], writes=(0, 3))
-    p = _mta.plan(prep.slots, prep.device)
+    p = prep.plan()
     cfg = _mta.CONFIG
     sp, sv, is_ptr = _mta.scalar_arg(scale, prep.device, p.seg)
     for g in p.groups:

@@ -97,16 +97,6 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in _SUPPORTED and available(torch.device(device).type)[0]
 
 
-def _any_fp64(*lists) -> bool:
-    for lst in lists:
-        if lst is None:
-            continue
-        for t in lst:
-            if t is not None and t.dtype == torch.float64:
-                return True
-    return False
-
-
 def _guard(*lists):
     """Compiled Triton launches on the *current* CUDA device (triton/runtime/jit.py:
     driver.active.get_current_device()), not the tensors' one: make the tensors' device
@@ -120,39 +110,38 @@ def _guard(*lists):
     return contextlib.nullcontext()
 
 
+def _run(name: str, guard_lists, args: tuple):
+    """Call the kernels' `name`; a call that holds float64 tensors (found when its lists
+    are read, before anything is written) is delegated to the reference."""
+    k = _kernels()
+    try:
+        with _guard(*guard_lists):
+            return getattr(getattr(k, _MODULE[name]), name)(*args)
+    except k._mta.Float64:
+        return getattr(reference, name)(*args)
+
+
+_MODULE = {"multi_dot": "multi_dot", "perturb_": "perturb", "combine_step_": "combine_step",
+           "lookahead_sync_": "lookahead_sync", "nonfinite_": "nonfinite"}
+
+
 def multi_dot(lists, pairs, per_tensor: bool = False):
-    if _any_fp64(*lists):
-        return reference.multi_dot(lists, pairs, per_tensor)
-    with _guard(*lists):
-        return _kernels().multi_dot.multi_dot(lists, pairs, per_tensor)
+    return _run("multi_dot", lists, (lists, pairs, per_tensor))
 
 
 def perturb_(out, base, direction, scale, backup=None) -> None:
-    if _any_fp64(out, base, direction, backup):
-        return reference.perturb_(out, base, direction, scale, backup)
-    with _guard(out):
-        return _kernels().perturb.perturb_(out, base, direction, scale, backup)
+    return _run("perturb_", (out,), (out, base, direction, scale, backup))
 
 
 def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
                   v_sq_out=None, write_masters=True) -> None:
-    if _any_fp64(params, masters, v, *grads, *base_state.values()):
-        return reference.combine_step_(params, masters, grads, coefs, base, base_state, v, v_coefs,
-                                       v_sq_out, write_masters)
-    with _guard(params):
-        return _kernels().combine_step.combine_step_(params, masters, grads, coefs, base,
-                                                     base_state, v, v_coefs, v_sq_out, write_masters)
+    return _run("combine_step_", (params,), (params, masters, grads, coefs, base, base_state, v,
+                                             v_coefs, v_sq_out, write_masters))
 
 
 def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
-    if _any_fp64(slow, fast, params):
-        return reference.lookahead_sync_(slow, fast, alpha, params)
-    with _guard(slow):
-        return _kernels().lookahead_sync.lookahead_sync_(slow, fast, alpha, params)
+    return _run("lookahead_sync_", (slow,), (slow, fast, alpha, params))
 
 
 def nonfinite_(lists, inv_scale: Optional[torch.Tensor] = None, sq_norms: bool = False):
-    if _any_fp64(*lists):
-        return reference.nonfinite_(lists, inv_scale, sq_norms)
-    with _guard(*lists):
-        return _kernels().nonfinite.nonfinite_(lists, inv_scale, sq_norms)
+    return _run("nonfinite_", lists, (lists, inv_scale, sq_norms))

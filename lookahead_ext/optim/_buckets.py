@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..ops.plan_lists import PlanList
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -25,8 +27,9 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclass
 class Bucket:
     group: dict
-    params: list[Tensor] = field(default_factory=list)
-    masters: list[Tensor] = field(default_factory=list)
+    # PlanLists: the Triton backend keeps their launch-plan columns for the step (epoch)
+    params: list[Tensor] = field(default_factory=PlanList)
+    masters: list[Tensor] = field(default_factory=PlanList)
     low_precision: bool = False
     # per-step flags: `synced` = the masters hold the exact fast weights w of this step
     # (always true for low-precision buckets, whose masters persist; for float32/float64
@@ -41,8 +44,8 @@ class Bucket:
         return (self.params[0].device, self.params[0].dtype) if self.params else None
 
     def select(self, keep: list[bool]) -> "Bucket":
-        return Bucket(self.group, [p for p, k in zip(self.params, keep) if k],
-                      [m for m, k in zip(self.masters, keep) if k], self.low_precision,
+        return Bucket(self.group, PlanList([p for p, k in zip(self.params, keep) if k]),
+                      PlanList([m for m, k in zip(self.masters, keep) if k]), self.low_precision,
                       self.synced, self.perturbed)
 
 

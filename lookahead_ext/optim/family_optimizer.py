@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..ops.base_step import ADAMW, SGD
+from ..ops.plan_lists import PlanList
 from ._buckets import state_dtype
 from ._grad_mode import no_grad as _no_grad
 from .runtime import ProbeRuntime
@@ -148,7 +149,7 @@ class ProbeOptimizer(ProbeRuntime):
                 vdir = self._dense(buckets, probes["g0"])
                 sq_v = self._probe_sq["g0"]  # from g0's fused check (zero-filled grads add 0)
             else:
-                vdir = [[self._v(p) for p in b.params] for b in buckets]
+                vdir = [PlanList([self._v(p) for p in b.params]) for b in buckets]
                 sq_v = self._v_norm_sq(vdir)
             inv_v = self._norm_inv(sq_v)
         for name, sign in (("g+", +1.0), ("g-", -1.0)):
@@ -214,7 +215,7 @@ class ProbeOptimizer(ProbeRuntime):
             coefs = self.scheme.coefs(b.group["rho"], self._lam(b.group))
             v = v_coefs = None
             if carried:
-                v = [self._v(p) for p in b.params]
+                v = PlanList([self._v(p) for p in b.params])
                 written_v.extend(v)
                 if need_v_init:               # Algorithm 1, line 4: v_0 = g_0
                     torch._foreach_copy_(v, vdir[bi])

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .. import ops
 from ..ops.base_step import ADAMW, SGD, BaseStep
+from ..ops.plan_lists import PlanList
 from ._buckets import state_dtype
 
 
@@ -73,8 +74,8 @@ class KindGroups:
 def zero_filled(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> list[Tensor]:
     """``grads`` with None replaced by zeros like the parameter (its dtype, so that every
     list handed to an op is of one dtype)."""
-    return [g if g is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
-            for g, p in zip(grads, params)]
+    return PlanList([g if g is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
+                     for g, p in zip(grads, params)])
 
 
 def sum_parts(parts: list, n: int) -> Tensor:
@@ -125,7 +126,8 @@ def state_buffer(p: Tensor, st: dict, name: str) -> Tensor:
 def state_buffers(params, states: Sequence[dict], names) -> dict:
     """{name: [per-parameter tensor]} from the per-parameter state dicts ``states``
     (see :func:`state_buffer`)."""
-    return {name: [state_buffer(p, st, name) for p, st in zip(params, states)] for name in names}
+    return {name: PlanList([state_buffer(p, st, name) for p, st in zip(params, states)])
+            for name in names}
 
 
 def per_parameter_steps(states: Sequence[dict], base: BaseStep) -> list:

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops.base_step import BaseStep
+from ..ops.plan_lists import PlanList, new_epoch
 from ._buckets import Bucket, make_buckets, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow
@@ -206,6 +207,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         """This step's buckets, rebuilt only when the parameters changed (param_signature):
         building them costs more than the fused ops on small models; load_state_dict drops
         the plan."""
+        new_epoch()  # anything may have been re-pointed since the last step: re-check plan lists
         groups = self.param_groups
         sig = param_signature(groups)
         plan = self._plan
@@ -319,8 +321,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     def _capture(self, buckets, name, backend):
         grads, checks, missing = [], {}, False
         for b in buckets:
-            gl = []
-            flat = checks.setdefault(b.kind, [])  # one fused check per (device, dtype)
+            gl = PlanList()  # read once by the check, reused by the base step
+            flat = checks.setdefault(b.kind, PlanList())  # one fused check per (device, dtype)
             for p in b.params:
                 g = p.grad
                 if g is None:

@@ -1,0 +1,355 @@
+"""Persistent launch plans of the Triton backend (kernels/_mta.py, lookahead_ext/ops/plan_lists.py):
+a cached table is never used for tensors it does not describe.
+
+Every case changes what a list holds (a tensor re-pointed, resized, re-typed, made
+non-contiguous, replaced; a PlanList mutated, copied, or re-pointed across an epoch) after
+a plan was cached for it, and checks the next call against the reference on copies: a
+stale table would write the old storage or the old extent and leave the new one as it was.
+Sizes are tiny (the interpreter is slow); they span several chunks of the interpreter's
+1024-element programs where the extent matters.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from _triton_util import DEVICE, T, randn, requires_triton
+from lookahead_ext.ops import reference as R
+from lookahead_ext.ops.plan_lists import PlanList, new_epoch
+
+pytestmark = requires_triton
+
+SIZES = [7, 1030, 33]
+
+
+def _mta():
+    from lookahead_ext.kernels import _mta
+    return _mta
+
+
+def perturb_both(out, base, d, scale=0.5):
+    """perturb_ on the Triton backend and on the reference (on clones of `out`); returns
+    (triton result, reference result)."""
+    want = [t.clone() for t in out]
+    R.perturb_(want, list(base), list(d), scale)
+    T().perturb_(out, base, d, scale)
+    return list(out), want
+
+
+def assert_same(got, want, what):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{what}[{i}]"
+        # torch's per-dtype tolerances (bf16/fp16 outputs round the fp32 result once; a
+        # stale table leaves the row as it was, far outside them)
+        torch.testing.assert_close(a, b, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+class ColumnReads:
+    """Counts _mta.column calls (each reads every tensor of a list)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        mta = _mta()
+        orig = mta.column
+
+        def counted(lst):
+            self.n += 1
+            return orig(lst)
+        monkeypatch.setattr(mta, "column", counted)
+
+
+# ----------------------------------------------------------------------------- plain lists
+def test_same_tensors_reuse_the_plan():
+    out, base, d = randn(SIZES, torch.float32, 0), randn(SIZES, torch.float32, 1), randn(SIZES, torch.float32, 2)
+    mta = _mta()
+    prep = mta.Prepared([out, base, d, None])
+    assert prep.plan() is mta.Prepared([list(out), list(base), list(d), None]).plan()
+    assert_same(*perturb_both(out, base, d), "out")
+
+
+def test_data_reassigned_is_seen():
+    """p.data = other: the same tensor object, new storage."""
+    out, base, d = randn(SIZES, torch.float32, 0), randn(SIZES, torch.float32, 1), randn(SIZES, torch.float32, 2)
+    T().perturb_(out, base, d, 0.5)
+    old = out[1].data
+    snapshot = old.clone()
+    out[1].data = torch.zeros_like(old)
+    got, want = perturb_both(out, base, d)
+    assert_same(got, want, "out")
+    assert torch.equal(old, snapshot), "the old storage was written: stale table"
+
+
+def test_same_address_smaller_size_is_seen():
+    """A tensor re-pointed to a prefix of its storage keeps its address: the size is in the key."""
+    out, base, d = randn(SIZES, torch.float32, 0), randn(SIZES, torch.float32, 1), randn(SIZES, torch.float32, 2)
+    T().perturb_(out, base, d, 0.5)
+    full = out[1].data
+    tail = full[5:].clone()
+    out[1].data = full[:5]
+    base[1], d[1] = base[1][:5].clone(), d[1][:5].clone()
+    assert out[1].data_ptr() == full.data_ptr()
+    got, want = perturb_both(out, base, d)
+    assert_same(got, want, "out")
+    assert torch.equal(full[5:], tail), "elements past the new size were written: stale table"
+
+
+def test_resize_in_place_is_seen():
+    out, base, d = randn(SIZES, torch.float32, 0), randn(SIZES, torch.float32, 1), randn(SIZES, torch.float32, 2)
+    T().perturb_(out, base, d, 0.5)
+    with torch.no_grad():
+        out[1].resize_(4)
+    base[1], d[1] = base[1][:4].clone(), d[1][:4].clone()
+    assert_same(*perturb_both(out, base, d), "out")
+
+
+def test_same_address_other_dtype_is_seen():
+    """bf16 storage re-viewed as fp16 (same address, same size): the dtype is in the key."""
+    out = randn(SIZES, torch.bfloat16, 0)
+    base, d = randn(SIZES, torch.float32, 1), randn(SIZES, torch.float32, 2)
+    T().perturb_(out, base, d, 0.5)
+    out[0].data = out[0].data.view(torch.float16)
+    assert_same(*perturb_both(out, base, d), "out")
+
+
+def test_transposed_in_place_is_seen():
+    """t_() keeps address, dtype and size; the tensor is no longer contiguous (copy path)."""
+    out = [torch.randn(6, 5, device=DEVICE), torch.randn(3, device=DEVICE)]
+    base = [torch.randn(5, 6, device=DEVICE), torch.randn(3, device=DEVICE)]
+    d = [torch.randn(5, 6, device=DEVICE), torch.randn(3, device=DEVICE)]
+    T().perturb_(out, base, d, 0.5)
+    with torch.no_grad():
+        out[0].t_()
+    assert not out[0].is_contiguous()
+    assert_same(*perturb_both(out, base, d), "out")
+
+
+def test_views_sharing_an_address_get_their_own_plans():
+    """Two tensor objects at one address with different sizes (what a caching allocator
+    gives a new tensor in a freed block): different columns, different tables."""
+    buf = torch.zeros(1100, device=DEVICE)
+    base, d = randn([1100], torch.float32, 1), randn([1100], torch.float32, 2)
+    T().perturb_([buf[:1100]], base, d, 1.0)
+    buf.zero_()
+    short = [buf[:10]]
+    T().perturb_(short, [base[0][:10].clone()], [d[0][:10].clone()], 1.0)
+    assert torch.equal(buf[:10], base[0][:10] + d[0][:10])
+    assert torch.count_nonzero(buf[10:]) == 0, "the longer view's table was used"
+
+
+def test_replaced_tensor_is_seen():
+    out, base, d = randn(SIZES, torch.float32, 0), randn(SIZES, torch.float32, 1), randn(SIZES, torch.float32, 2)
+    T().perturb_(out, base, d, 0.5)
+    old = out[2]
+    snapshot = old.clone()
+    out[2] = torch.zeros_like(old)
+    assert_same(*perturb_both(out, base, d), "out")
+    assert torch.equal(old, snapshot)
+
+
+def test_plain_lists_are_read_every_call(monkeypatch):
+    out, base, d = randn(SIZES, torch.float32, 0), randn(SIZES, torch.float32, 1), randn(SIZES, torch.float32, 2)
+    T().perturb_(out, base, d, 0.5)
+    reads = ColumnReads(monkeypatch)
+    T().perturb_(out, base, d, 0.5)
+    assert reads.n == 3
+
+
+def test_float64_lists_go_to_the_reference():
+    out = randn(SIZES, torch.float32, 0)
+    out[1] = out[1].double()
+    base, d = randn(SIZES, torch.float32, 1), randn(SIZES, torch.float32, 2)
+    base[1], d[1] = base[1].double(), d[1].double()
+    out = PlanList(out)
+    assert_same(*perturb_both(out, base, d), "out")
+
+
+def test_write_masters_false_still_names_the_tensor():
+    from lookahead_ext.ops import BaseStep
+    p, w, g = randn([3, 4], torch.bfloat16, 0), randn([3, 4], torch.float32, 1), randn([3, 4], torch.float32, 2)
+    with pytest.raises(ValueError, match=r"params\[0\] is torch.bfloat16"):
+        T().combine_step_(p, w, (g, None, None), (1.0, 0.0, 0.0), BaseStep(), {}, write_masters=False)
+
+
+# ----------------------------------------------------------------------------- PlanLists
+def _planned():
+    return (PlanList(randn(SIZES, torch.float32, 0)), PlanList(randn(SIZES, torch.float32, 1)),
+            PlanList(randn(SIZES, torch.float32, 2)))
+
+
+def test_planlists_are_read_once_per_epoch(monkeypatch):
+    out, base, d = _planned()
+    new_epoch()
+    T().perturb_(out, base, d, 0.5)
+    reads = ColumnReads(monkeypatch)
+    for _ in range(3):
+        T().perturb_(out, base, d, 0.5)
+    assert reads.n == 0
+    new_epoch()
+    T().perturb_(out, base, d, 0.5)
+    assert reads.n == 3
+
+
+def test_planlist_repointed_then_new_epoch_is_seen():
+    """What the engine does between steps: anything may be re-pointed, then a new epoch."""
+    out, base, d = _planned()
+    T().perturb_(out, base, d, 0.5)
+    old = out[0].data
+    snapshot = old.clone()
+    out[0].data = torch.zeros_like(old)
+    new_epoch()
+    assert_same(*perturb_both(out, base, d), "out")
+    assert torch.equal(old, snapshot), "the old storage was written: stale table"
+
+
+def test_planlist_resized_then_new_epoch_is_seen():
+    out, base, d = _planned()
+    T().perturb_(out, base, d, 0.5)
+    full = out[1].data
+    tail = full[5:].clone()
+    out[1].data = full[:5]
+    base[1], d[1] = base[1][:5].clone(), d[1][:5].clone()  # item assignment: forgets by itself
+    new_epoch()
+    got, want = perturb_both(out, base, d)
+    assert_same(got, want, "out")
+    assert torch.equal(full[5:], tail), "elements past the new size were written: stale table"
+
+
+@pytest.mark.parametrize("mutate", ["setitem", "append", "extend", "iadd", "insert", "pop", "delitem",
+                                    "reverse", "slice"])
+def test_planlist_mutation_forgets_the_column(mutate):
+    out, base, d = _planned()
+    T().perturb_(out, base, d, 0.5)  # cached for this epoch
+    lists = (out, base, d)
+    for i, lst in enumerate(lists):
+        x = randn([SIZES[0]], torch.float32, 10 + i)[0]  # a row shaped like row 0
+        if mutate == "setitem":
+            lst[0] = x
+        elif mutate == "append":
+            lst.append(x)
+        elif mutate == "extend":
+            lst.extend([x])
+        elif mutate == "iadd":
+            lst += [x]
+        elif mutate == "insert":
+            lst.insert(1, x)
+        elif mutate == "pop":
+            lst.pop(0)
+        elif mutate == "delitem":
+            del lst[0]
+        elif mutate == "reverse":
+            lst.reverse()
+        elif mutate == "slice":
+            lst[0:1] = [x]
+    forgot = all(type(lst) is PlanList and lst._col is None for lst in lists)
+    assert_same(*perturb_both(out, base, d), "out")  # a kept column would give stale tables
+    assert forgot
+
+
+def test_planlist_copies_do_not_inherit_the_column():
+    out, base, d = _planned()
+    T().perturb_(out, base, d, 0.5)
+    for cp in (copy.deepcopy(out), copy.copy(out)):
+        assert type(cp) is PlanList and cp._col is None
+    out2 = copy.deepcopy(out)
+    snapshot = [t.clone() for t in out]
+    got, want = perturb_both(out2, base, d)
+    assert_same(got, want, "deep copy")
+    assert_same(list(out), snapshot, "the original (the copy's call must not write it)")
+
+
+def test_planlist_non_contiguous_is_copied_every_call(monkeypatch):
+    out = PlanList([torch.randn(6, 5, device=DEVICE).t(), torch.randn(3, device=DEVICE)])
+    base = PlanList([torch.randn(5, 6, device=DEVICE), torch.randn(3, device=DEVICE)])
+    d = PlanList([torch.randn(5, 6, device=DEVICE), torch.randn(3, device=DEVICE)])
+    assert_same(*perturb_both(out, base, d), "out")
+    assert out._col is None  # a column of temporary copies is never kept
+    assert_same(*perturb_both(out, base, d), "out again")
+
+
+def test_planlist_other_backends_take_it_as_a_list():
+    from lookahead_ext import ops
+    x = PlanList(randn(SIZES, torch.float32, 0))
+    want = ops.multi_dot([list(x)], [(0, 0)], backend="reference")
+    for backend in [b for b, why in ops.available_backends().items() if why == "ok" and b != "cuda"]:
+        torch.testing.assert_close(ops.multi_dot([x], [(0, 0)], backend=backend), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- engine
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).to(DEVICE)
+
+
+def _run(opt, model, steps, between=None):
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE, next(model.parameters()).dtype)
+
+    def closure():
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+    for s in range(steps):
+        opt.step(closure)
+        if between is not None:
+            between(s, opt, model)
+
+
+@pytest.mark.parametrize("change", ["data", "repoint_state", "replace_state", "requires_grad",
+                                    "add_group", "load_state_dict", "repoint_master"])
+def test_engine_changes_between_steps_match_the_reference(change):
+    """CMLR (SGD momentum, K=2) on the Triton backend vs the reference backend while the
+    parameters / state change between steps the way users change them. "repoint_master":
+    the fp32 master of a bf16 parameter re-pointed in place; the bucket (and its masters
+    PlanList) persists, so only the engine's new epoch per step makes the next launch see it."""
+    from lookahead_ext.optim import CMLR
+    dtype = torch.bfloat16 if change == "repoint_master" else torch.float32
+
+    def between(s, opt, model):
+        p = model[0].weight
+        if change == "repoint_master" and s == 0:
+            m = opt.state[p]["master"]
+            m.data = m.data.clone()
+        elif change == "data" and s == 0:
+            p.data = p.data.clone() * 0.5
+        elif change == "repoint_state" and s == 0:  # v re-pointed in place, same object
+            st = opt.state[p]["v"]
+            st.data = st.data.clone()
+        elif change == "replace_state" and s == 0:
+            opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone()
+        elif change == "requires_grad":
+            model[2].bias.requires_grad_(s % 2 == 1)
+        elif change == "add_group" and s == 0:
+            extra = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+            model.register_parameter("extra", extra)
+            opt.add_param_group({"params": [extra]})
+        elif change == "load_state_dict" and s == 1:
+            opt.load_state_dict(opt.state_dict())
+
+    results = []
+    for backend in ("triton", "reference"):
+        model = _model().to(dtype)
+        opt = CMLR(model.parameters(), lr=0.1, momentum=0.9, k=2, backend=backend)
+        _run(opt, model, 4, between)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:  # bf16 params = cast(fp32 masters): at most one bf16 rounding step apart
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_host_overhead_bench_runs():
+    """bench/host_overhead.py end to end on a few tensors (numbers not checked)."""
+    import importlib.util
+    import os
+    import time
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "host_overhead.py")
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.measure(DEVICE, 4, 2, 1, ["perturb", "combine"], time.thread_time)
+    assert set(res["ops"]) == {"perturb", "combine"}
+    assert res["ops"]["combine"]["triton_planlist"] > 0 and res["triton_step_per_call"] > 0
+    assert "| perturb |" in bench.to_md(res, {"device": "cpu"})
