@@ -190,6 +190,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     weight_decay (default 0) as torch.optim.SGD; ``base="adamw"``: lr, betas, eps,
     weight_decay (default 1e-2, torch.optim.AdamW's) as torch.optim.AdamW (amsgrad=False).
     ``track_cosine``: record cosine(d_k, d_{k-1}) in ``cosine_history`` (off by default).
+    ``beta_schedule``: "cycle" (Algorithm 1, line 15: beta_k over each cycle, the default) or
+    "training" (over ``total_steps`` inner steps, as the experiments section says); see beta_k.
     """
 
     direction = "momentum"
@@ -198,7 +200,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
 
     # keys read from param_groups[0] only: they shape the cycle, not a group's step
     _GLOBAL_KEYS = ("k", "alpha", "beta_start", "beta_end", "gamma", "init_v", "norm_eps",
-                    "backend", "reset_base_state", "base")
+                    "backend", "reset_base_state", "base", "beta_schedule", "total_steps")
 
     def __init__(self, params, lr: float = 1e-3, base: str = SGD, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False,
@@ -207,14 +209,16 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                  lam: float = 0.1, k: int = 10, alpha: float = 0.9, beta_start: float = 0.9,
                  beta_end: float = 0.99, gamma: float = 0.5, init_v: str = "grad",
                  norm_eps: float = 1e-12, backend: str = "auto", reset_base_state: bool = False,
-                 track_cosine: bool = False):
+                 track_cosine: bool = False, beta_schedule: str = "cycle",
+                 total_steps: Optional[int] = None):
         if weight_decay is None:  # the base optimizer's torch default
             weight_decay = 1e-2 if base == ADAMW else 0.0
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening,
                         nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                         rho=rho, lam=lam, k=k, alpha=alpha, beta_start=beta_start,
                         beta_end=beta_end, gamma=gamma, init_v=init_v, norm_eps=norm_eps,
-                        backend=backend, reset_base_state=reset_base_state)
+                        backend=backend, reset_base_state=reset_base_state,
+                        beta_schedule=beta_schedule, total_steps=total_steps)
         self._validate(defaults)
         super().__init__(params, defaults)
         for g in self.param_groups:
@@ -243,6 +247,11 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             raise ValueError(f"base must be one of {BASES}, got {g['base']!r}")
         if g["backend"] not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {g['backend']!r}")
+        if g["beta_schedule"] not in ("cycle", "training"):
+            raise ValueError(f"beta_schedule must be 'cycle' or 'training', got {g['beta_schedule']!r}")
+        ts = g["total_steps"]
+        if g["beta_schedule"] == "training" and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 1):
+            raise ValueError(f"beta_schedule='training' needs total_steps, an integer >= 1, got {ts!r}")
         if g["init_v"] not in ("grad", "carry"):
             raise ValueError(f"init_v must be 'grad' or 'carry', got {g['init_v']!r}")
         if isinstance(g["k"], bool) or not isinstance(g["k"], int) or g["k"] < 1:
@@ -308,11 +317,17 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         return self._engine["k"]
 
     def beta_k(self, k: Optional[int] = None) -> float:
-        """beta_k = beta_s + (beta_e - beta_s) k/(K-1) (Algorithm 1, line 15; beta_s if K = 1)."""
+        """beta_k = beta_s + (beta_e - beta_s) k/(K-1) (Algorithm 1, line 15; beta_s if K = 1).
+        ``beta_schedule="training"`` (cmlr.txt, experiments: "annealed from 0.9 up to 0.99 over
+        the course of training"): beta_s + (beta_e - beta_s) min(t, T-1)/(T-1) with t the
+        inner steps applied so far and T = ``total_steps`` (beta_s if T = 1); k is unused."""
         k = self._engine["k"] if k is None else k
         K, bs, be = self._glob("k"), self._glob("beta_start"), self._glob("beta_end")
         if self.direction == "lagged":
             return 0.0
+        if self.param_groups[0].get("beta_schedule", "cycle") == "training":  # .get: older state dicts
+            T = self._glob("total_steps")
+            return bs if T == 1 else bs + (be - bs) * min(self._engine["steps"], T - 1) / (T - 1)
         if not self.lookahead or K == 1:
             return bs
         return bs + (be - bs) * k / (K - 1)
