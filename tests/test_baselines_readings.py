@@ -1,4 +1,4 @@
-"""Paper readings offered as options (docs/paper-readings.md): beta_k over training."""
+"""Paper readings offered as options (docs/paper-readings.md): beta_k over training, FMLR's text anchor."""
 import math
 
 import pytest
@@ -66,3 +66,66 @@ def test_beta_schedule_validation():
         la.CMLR(model.parameters(), beta_schedule="epoch")
     opt = la.CMLR(model.parameters(), k=4)
     assert [opt.beta_k(k) for k in range(4)] == pytest.approx([0.9, 0.93, 0.96, 0.99])
+
+
+def _grad(model, x, y, at):
+    """The loss gradient at the weights `at` (the model's params are restored after)."""
+    params = list(model.parameters())
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, a in zip(params, at):
+            p.copy_(a)
+    for p in params:
+        p.grad = None
+    F.cross_entropy(model(x), y).backward()
+    g = [p.grad.clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return g
+
+
+def test_fmlr_text_anchor_is_g_plus_from_k1():
+    """FMLR(anchor="g+"), re-stated in float64: k = 0 as FMLR (probe at w, v_0 = g_0,
+    d = (1 - lam/rho) g0 + lam/rho g+); k >= 1: d = g+ and v <- beta_k v_hat + (1 - beta_k)
+    g+/||g+||; K+1 evaluations per cycle. Control: the default anchor="g0" misses."""
+    lr, rho, lam, K, alpha, gamma = 0.1, 0.05, 0.1, 3, 0.8, 0.5
+    model, x, y = _setup(1)
+    w = [p.detach().clone() for p in model.parameters()]
+    slow = [t.clone() for t in w]
+    v = None
+    for _ in range(2):
+        for k in range(K):
+            beta = 0.9 + 0.09 * k / (K - 1)
+            if k == 0:
+                g0 = _grad(model, x, y, w)
+                v = g0
+            vh = _unit(v)
+            gp = _grad(model, x, y, [a + rho * b for a, b in zip(w, vh)])
+            if k == 0:
+                d = [(1 - lam / rho) * a + lam / rho * b for a, b in zip(g0, gp)]
+                mix = [gamma * a + (1 - gamma) * b for a, b in zip(_unit(gp), _unit(g0))]
+            else:
+                d, mix = gp, _unit(gp)
+            w = [a - lr * b for a, b in zip(w, d)]
+            v = [beta * a + (1 - beta) * b for a, b in zip(vh, mix)]
+        slow = [s + alpha * (a - s) for s, a in zip(slow, w)]
+        w = [s.clone() for s in slow]
+    results = {}
+    for anchor in ("g+", "g0"):
+        m, _, _ = _setup(1)
+        opt = la.FMLR(m.parameters(), lr=lr, rho=rho, lam=lam, k=K, alpha=alpha, anchor=anchor)
+
+        def closure():
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        for _ in range(2 * K):
+            opt.step(closure)
+        results[anchor] = (max(float((p.detach() - e).abs().max()) for p, e in zip(m.parameters(), w)),
+                           opt.num_evals, opt.evals_per_update())
+    assert results["g+"][0] < 1e-12
+    assert results["g+"][1:] == (2 * (K + 1), K + 1)
+    assert results["g0"][0] > 1e-4 and results["g0"][1:] == (4 * K, 2 * K)
+    with pytest.raises(ValueError, match="anchor"):
+        la.FMLR(model.parameters(), anchor="w")

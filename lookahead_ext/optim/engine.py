@@ -595,7 +595,10 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         momentum_like = self.direction in ("momentum", "lagged")
         need_v_init = momentum_like and (not eng["v_ready"] or (
             self.direction == "momentum" and self._glob("init_v") == "grad" and k == 0))
-        need_g0 = self.scheme in ("forward", "central_base") or self.direction == "grad" or need_v_init
+        # FMLR's text reading (anchor="g+"): for k >= 1 the anchor is g+ itself, no probe at w
+        text_anchor = self.scheme == "forward" and k >= 1 and self.param_groups[0].get("anchor") == "g+"
+        need_g0 = (self.scheme == "central_base" or (self.scheme == "forward" and not text_anchor)
+                   or self.direction == "grad" or need_v_init)
 
         probes: dict[str, list] = {}
         idx = 0
@@ -643,6 +646,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         else:
             keep_masks = None
         buckets, filled = self._gather(buckets, probes, keep_masks)
+        if self.scheme == "forward" and "g0" not in filled:  # anchor="g+": d = g+, v from g+ only
+            filled["g0"], self._probe_sq["g0"] = filled["g+"], self._probe_sq["g+"]
 
         # global norms of the two probe gradients that enter the v update (eq. 115)
         momentum_like = self.direction in ("momentum", "lagged")
