@@ -129,3 +129,45 @@ def test_fmlr_text_anchor_is_g_plus_from_k1():
     assert results["g0"][0] > 1e-4 and results["g0"][1:] == (4 * K, 2 * K)
     with pytest.raises(ValueError, match="anchor"):
         la.FMLR(model.parameters(), anchor="w")
+
+
+def test_per_cycle_feeds_one_batch_per_cycle():
+    """lookahead_ext.data.per_cycle: Algorithm 1 line 3 (one mini-batch for the K inner
+    steps) in one line; equals the hand-written loop, and a skipped step keeps the batch."""
+    import copy
+    import warnings
+
+    from lookahead_ext.data import per_cycle
+
+    model, _, _ = _setup(2)
+    torch.manual_seed(3)
+    batches = [(torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))) for _ in range(4)]
+    K = 3
+    m2 = copy.deepcopy(model)
+    opt = la.CMLR(model.parameters(), lr=0.05, k=K)
+    seen = []
+    for i, (x, y) in enumerate(per_cycle(batches, opt)):
+        seen.append(next(j for j, b in enumerate(batches) if b[0] is x))
+        bad = i == 4  # one non-finite loss: the step is skipped, the cycle keeps its batch
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss * float("nan") if bad else loss
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step(closure)
+    assert seen == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert opt.num_skipped == 1
+    o2 = la.CMLR(m2.parameters(), lr=0.05, k=K)
+    for x, y in batches:
+        for _ in range(K):
+            o2.step(lambda: _ce_backward(m2, x, y))
+    for p, q in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def _ce_backward(model, x, y):
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
