@@ -210,7 +210,8 @@ def make_optimizer(key: str, params, k: int = 1, lr: float = 0.05, momentum: flo
                    weight_decay: float = 5e-4, rho: float = 0.05, lam: float = 0.1,
                    backend: str = "auto", alpha: float | None = None, extra: dict | None = None):
     """One optimizer of the comparison with shared base hyperparameters (paper's: lr 0.05,
-    rho 0.05, lam 0.1, alpha 0.9 for CMLR/FMLR/GSAM, 0.5 for Lookbehind-SAM)."""
+    rho 0.05, lam 0.1, alpha 0.9 for CMLR/FMLR, 0.5 for Lookbehind-SAM; CR-SAM with its
+    gamma 0.1, beta 0.01; GraphSAM with beta 0.99 and re-anchor period k)."""
     import lookahead_ext as la
     from lookahead_ext.optim.baselines import CRSAM, GSAM, LookbehindSAM
     base = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -227,8 +228,8 @@ def make_optimizer(key: str, params, k: int = 1, lr: float = 0.05, momentum: flo
         return CRSAM(params, rho=rho, **eng)
     if key == "LookbehindSAM":
         return LookbehindSAM(params, rho=rho, k=k, alpha=0.5 if alpha is None else alpha, **eng)
-    if key == "GSAM":
-        return GSAM(params, rho=rho, k=k, alpha=0.9 if alpha is None else alpha, **eng)
+    if key == "GSAM":  # GraphSAM: no Lookahead; K is its re-anchor period here
+        return GSAM(params, rho=rho, period=k, **eng)
     if key == "FMLR":
         return la.FMLR(params, rho=rho, lam=lam, k=k, alpha=0.9 if alpha is None else alpha, **eng)
     if key == "CMLR":
@@ -237,9 +238,12 @@ def make_optimizer(key: str, params, k: int = 1, lr: float = 0.05, momentum: flo
 
 
 def inner_steps_per_update(opt) -> int:
-    """Inner steps of one update (a whole Lookahead cycle for the lookahead ones)."""
+    """Inner steps of one update (a whole Lookahead cycle for the lookahead ones, a whole
+    re-anchor period for GraphSAM)."""
     if getattr(opt, "lookahead", False):
         return opt.param_groups[0]["k"]
+    if "period" in opt.param_groups[0]:
+        return opt.param_groups[0]["period"]
     return 1
 
 

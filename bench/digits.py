@@ -55,8 +55,8 @@ def direction_coefs(opt) -> dict:
     if not hasattr(opt, "probes"):
         return {"g0": 1.0}
     if name == "CRSAM":
-        c = opt.curv
-        return {"g0": -2.0 * c, "g+": 1.0 + c, "g-": c}
+        gm, bt = opt.param_groups[0]["gamma"], opt.param_groups[0]["beta"]
+        return {"g0": -2.0 * gm, "g+": 1.0 + gm + bt, "g-": gm - bt}
     if name == "GSAM":
         return {"g+": 1.0}
     return opt.d_coefs()

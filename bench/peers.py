@@ -288,7 +288,7 @@ def timings(device, backend, reps, width, large=True):
     model, x, y = _setup(device, width=width)
     params = list(model.parameters())
     closure = common.CountingClosure(model, F.cross_entropy, x, y)
-    ours_g = OurGSAM(params, lr=0.01, momentum=0.9, k=5, backend=backend)
+    ours_g = OurGSAM(params, lr=0.01, momentum=0.9, period=5, backend=backend)
     t_og = common.timeit(lambda: ours_g.step(closure), device, reps=reps, min_time=0.5)
     model, x, y = _setup(device, width=width)
     params = list(model.parameters())

@@ -85,7 +85,9 @@ class LookaheadBio:
 
     One call of :meth:`step` is one inner step of Algorithm 1 (lines 7–10); every ``k``
     calls the slow weights move (lines 11–13), φ_w += β_w(θ_w − φ_w), φ_λ += β_λ(θ_λ − φ_λ),
-    and the fast ones restart from them (line 4); u carries on (line 14).
+    and the fast ones restart from them (line 4); u goes through the same cycle as θ_w
+    (``u_sync=True``, the default, as the authors' code) or carries on (``u_sync=False``,
+    line 14 literally); see choice 9.
 
     Inner step i (θ = fast weights, which are the model's own parameters for w)::
 
@@ -120,7 +122,8 @@ class LookaheadBio:
     4. *Optimizer state across syncs* (lines 4 and 12–13): the base-optimizer states
        (momentum / Adam moments, step counts) of w and λ carry on through the reset of the
        fast weights, as in the Lookahead optimizer (Zhang et al. 2019) and this project's
-       :class:`lookahead_ext.Lookahead`. u is never reset (line 14).
+       :class:`lookahead_ext.Lookahead`. u's state carries on too; u itself is reset
+       with θ_w by default (choice 9).
     5. *The slow weights start at the initial weights* (line 1–2: θ = φ^{(0)}); with
        β = 1 the sync is an exact copy (slow ← fast), so k = 1, β_w = β_λ = 1 is ScaleBiO
        bit for bit.
@@ -143,7 +146,12 @@ class LookaheadBio:
        source; ScaleBiO (k = 1) gives 0.997. Default ``u_sync=True``: u goes through the
        same cycle as θ_w (φ_u += β_w(u − φ_u), u ← φ_u, one more copy), the lag is then
        symmetric and cancels in d (p_clean = 0.99). With β_w = 1 both options are identical
-       (ScaleBiO). ``u_sync=False`` is Algorithm 1 exactly.
+       (ScaleBiO). ``u_sync=True`` is what the authors' public code does
+       (Onemee-Laboratory/LookaheadBio wraps every optimizer, u's included, in Lookahead
+       with k = 5, alpha = 0.5); ``u_sync=False`` is Algorithm 1 as printed.
+    10. *The authors' settings* (:attr:`AUTHORS_PRESET`, :meth:`authors_preset`): their
+       code's λ optimizer is AdamW with weight decay 0.01, and w and u use weight decay
+       5e-4, with k = 5, β = 0.5 on every level and u in the cycle.
 
     Cost. Memory beyond the model and its gradients, for the N trained parameters: u (N,
     param dtype), φ_w (N, fp32 for low-precision params), φ_u (N, with ``u_sync``), fp32
@@ -175,6 +183,8 @@ class LookaheadBio:
         lr_w, lr_u, lr_lam: η_w, η_u (default η_w), η_λ.
         base: "sgd" or "adamw" (w and u); momentum, weight_decay, betas, eps apply to them.
         lam_base: "sgd" or "adam" for λ (default: see choice 6).
+        lam_weight_decay: decoupled weight decay of λ's optimizer (default 0; the
+            authors' preset: 0.01).
         lam_init: initial logits (default zeros, uniform p).
         mode: "reweight" (default) or "sample"; hypergrad: "shared" or "updated";
         u_sync: Lookahead cycle on u too (default True, see choice 9).
@@ -183,12 +193,22 @@ class LookaheadBio:
         seed: seed of the generator used by :meth:`sample_counts`.
     """
 
+    #: The authors' settings (choice 10); base="adamw" for w and u is ScaleBiO's optimizer.
+    AUTHORS_PRESET = dict(k=5, beta_w=0.5, beta_lam=0.5, u_sync=True, base="adamw",
+                          weight_decay=5e-4, lam_base="adam", lam_weight_decay=0.01)
+
+    @classmethod
+    def authors_preset(cls, model: nn.Module, loss_fn: Callable, num_sources: int, **kw):
+        """A LookaheadBio with :attr:`AUTHORS_PRESET` (keywords in ``kw`` override it)."""
+        return cls(model, loss_fn, num_sources, **{**cls.AUTHORS_PRESET, **kw})
+
     def __init__(self, model: nn.Module, loss_fn: Callable, num_sources: int, *,
                  params: Optional[Sequence[nn.Parameter]] = None,
                  val_loss_fn: Optional[Callable] = None, l1_uses_weights: bool = False,
                  k: int = 5, beta_w: float = 0.5, beta_lam: float = 0.5, alpha: float = 100.0,
                  lr_w: float = 1e-3, lr_u: Optional[float] = None, lr_lam: float = 1e-2,
-                 base: str = "sgd", lam_base: Optional[str] = None, momentum: float = 0.0,
+                 base: str = "sgd", lam_base: Optional[str] = None, lam_weight_decay: float = 0.0,
+                 momentum: float = 0.0,
                  weight_decay: float = 0.0, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  lam_init: Optional[Sequence[float]] = None, mode: str = "reweight",
                  hypergrad: str = "shared", u_sync: bool = True, on_nonfinite: str = "skip",
@@ -260,8 +280,11 @@ class LookaheadBio:
             lam0 = torch.as_tensor(lam_init, dtype=torch.float32, device=dev).clone()
             if lam0.shape != (num_sources,) or not torch.isfinite(lam0).all():
                 raise ValueError(f"lam_init must be {num_sources} finite numbers")
-        lam_step = (BaseStep(kind=SGD, lr=lr_lam) if lam_base == "sgd" else
-                    BaseStep(kind=ADAMW, lr=lr_lam, weight_decay=0.0, beta1=betas[0], beta2=betas[1], eps=eps))
+        if not (lam_weight_decay >= 0 and math.isfinite(lam_weight_decay)):
+            raise ValueError(f"lam_weight_decay must be >= 0, got {lam_weight_decay}")
+        lam_step = (BaseStep(kind=SGD, lr=lr_lam, weight_decay=lam_weight_decay) if lam_base == "sgd" else
+                    BaseStep(kind=ADAMW, lr=lr_lam, weight_decay=lam_weight_decay, beta1=betas[0],
+                             beta2=betas[1], eps=eps))
         self._lam = _Level([lam0], lam_step)          # fast θ_λ
         self._slow_lam = [lam0.clone()]                # φ_λ
         self._counter = 0                              # position in the Lookahead cycle
@@ -504,7 +527,8 @@ class LookaheadBio:
     @torch.no_grad()
     def sync(self) -> None:
         """Lookahead outer step on both levels (lines 11–13, then line 4): φ += β(θ − φ),
-        θ ← φ; u is untouched (line 14). Restarts the cycle. β = 1 is an exact copy."""
+        θ ← φ; u too with β_w when ``u_sync`` (the default), else u is untouched (line 14).
+        Restarts the cycle. β = 1 is an exact copy."""
         self._w.sync_(self._slow_w, self.beta_w, self.backend)
         if self.u_sync:
             self._u.sync_(self._slow_u, self.beta_w, self.backend)

@@ -1,6 +1,6 @@
 """LookaheadBio demonstrations on data that ships with installed packages (nothing is
 downloaded): ``python -m lookahead_ext.bio.demos {quality,domain,llm,stability,all}
-[--out results/bio] [--steps N] [--seeds N] [--fast]``.
+[--out results/bio] [--steps N] [--seeds N] [--seed N]``.
 
 - quality    (paper §5.1.1): scikit-learn digits; a clean source (10% of the training
              data) and the same digits with 80% of labels replaced at random (90%);

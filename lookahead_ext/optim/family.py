@@ -75,10 +75,29 @@ class FMLR(ProbeOptimizer):
         k, alpha: cycle length K and slow-weight step. Defaults: 10, 0.9.
         beta_start, beta_end, gamma: the v update. Defaults: 0.9, 0.99, 0.5.
         init_v: "grad" or "carry" (v_0 = g_0 every cycle or carried). Default: "grad".
-        norm_eps, backend, reset_base_state, track_cosine: as for CMLR.
+        anchor: ``"g0"``: every inner step probes w and w + rho v_hat (Table 8's 2K);
+            ``"g+"``: the text's reading (cmlr.txt, lines 286-301: "d_k = g_k^+ (k >= 1) in
+            FMLR"): from k = 1 on the anchor is g+ itself, so d = g+ and v is updated from
+            g+ alone (ML-SAM); k = 0 keeps the probe at w (v_0 = g_0). K+1 evaluations per
+            cycle. Default: ``"g0"``.
+        norm_eps, backend, reset_base_state, track_cosine, beta_schedule, total_steps: as
+            for CMLR.
     """
 
     scheme, direction, lookahead = FORWARD, MOMENTUM, True
+
+    def __init__(self, params, lr: float = 1e-3, anchor: str = "g0", **kw):
+        if anchor not in ("g0", "g+"):
+            raise ValueError(f"anchor must be 'g0' or 'g+', got {anchor!r}")
+        super().__init__(params, lr=lr, **kw)
+        self.defaults["anchor"] = anchor
+        for g in self.param_groups:
+            g.setdefault("anchor", anchor)
+
+    def evals_per_update(self) -> int:
+        if self.param_groups[0].get("anchor") == "g+":
+            return self._glob("k") + 1
+        return super().evals_per_update()
 
 
 class MLSAM(FMLR):

@@ -66,6 +66,12 @@ class ProbeOptimizer(ProbeRuntime):
             ``"triton"``). Default: ``"auto"``.
         reset_base_state: clear the base optimizer's state at every sync. Default: False.
         track_cosine: record cos(d_k, d_{k-1}) in ``cosine_history``. Default: False.
+        beta_schedule: ``"cycle"``: beta_k over each cycle (Algorithm 1, line 15);
+            ``"training"``: over ``total_steps`` inner steps, as cmlr.txt's experiments
+            section says ("annealed from 0.9 up to 0.99 over the course of training"); see
+            :meth:`beta_k` and docs/paper-readings.md. Default: ``"cycle"``.
+        total_steps: the number of inner steps T of the training run, for
+            ``beta_schedule="training"``. Default: None.
     """
 
     direction: Direction = MOMENTUM
@@ -84,14 +90,16 @@ class ProbeOptimizer(ProbeRuntime):
                  lam: float = 0.1, k: int = 10, alpha: float = 0.9, beta_start: float = 0.9,
                  beta_end: float = 0.99, gamma: float = 0.5, init_v: str = "grad",
                  norm_eps: float = 1e-12, backend: str = "auto", reset_base_state: bool = False,
-                 track_cosine: bool = False):
+                 track_cosine: bool = False, beta_schedule: str = "cycle",
+                 total_steps: Optional[int] = None):
         if weight_decay is None:  # the base optimizer's torch default
             weight_decay = 1e-2 if base == ADAMW else 0.0
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening,
                         nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                         rho=rho, lam=lam, k=k, alpha=alpha, beta_start=beta_start,
                         beta_end=beta_end, gamma=gamma, init_v=init_v, norm_eps=norm_eps,
-                        backend=backend, reset_base_state=reset_base_state)
+                        backend=backend, reset_base_state=reset_base_state,
+                        beta_schedule=beta_schedule, total_steps=total_steps)
         self._v_sq: Optional[tuple] = None  # (||v||^2, [(v tensor, version)]): see _v_norm_sq
         super().__init__(params, defaults, track_cosine=track_cosine)
 
@@ -109,11 +117,17 @@ class ProbeOptimizer(ProbeRuntime):
 
     def beta_k(self, k: Optional[int] = None) -> float:
         """beta_k = beta_s + (beta_e - beta_s) k/(K-1) (Algorithm 1, line 15; beta_s if K = 1
-        or no Lookahead; the direction's fixed beta if it has one)."""
+        or no Lookahead; the direction's fixed beta if it has one).
+        ``beta_schedule="training"`` (cmlr.txt, experiments: "annealed from 0.9 up to 0.99 over
+        the course of training"): beta_s + (beta_e - beta_s) min(t, T-1)/(T-1) with t the
+        inner steps applied so far and T = ``total_steps`` (beta_s if T = 1); k is unused."""
         k = self._engine["k"] if k is None else k
         K, bs, be = self._glob("k"), self._glob("beta_start"), self._glob("beta_end")
         if self.direction.beta is not None:
             return self.direction.beta
+        if self.param_groups[0].get("beta_schedule", "cycle") == "training":  # .get: older state dicts
+            T = self._glob("total_steps")
+            return bs if T == 1 else bs + (be - bs) * min(self._engine["steps"], T - 1) / (T - 1)
         if not self.lookahead or K == 1:
             return bs
         return bs + (be - bs) * k / (K - 1)
@@ -137,10 +151,12 @@ class ProbeOptimizer(ProbeRuntime):
         need_v_init = carried and (not eng["v_ready"] or (
             self.direction.restarts and self._glob("init_v") == "grad" and k == 0))
         fresh = not carried or need_v_init  # v = g0 this step
+        # FMLR's text reading (anchor="g+"): for k >= 1 the anchor is g+ itself, no probe at w
+        text_anchor = k >= 1 and self.param_groups[0].get("anchor") == "g+"
 
         probes: dict[str, list] = {}
         idx = 0
-        if fresh or "g0" in self.scheme.probes:
+        if fresh or ("g0" in self.scheme.probes and not text_anchor):
             probes["g0"] = yield from self._probe(buckets, idx, "g0")
             idx += 1
         # the perturbation direction v (per bucket) and 1/||v||
@@ -201,6 +217,8 @@ class ProbeOptimizer(ProbeRuntime):
         else:
             keep_masks = None
         buckets, filled = self._gather(buckets, probes, keep_masks)
+        if "g0" in self.scheme.probes and "g0" not in filled:  # anchor="g+": d = g+, v from g+ only
+            filled["g0"], self._probe_sq["g0"] = filled["g+"], self._probe_sq["g+"]
 
         carried = self.direction.carried
         if carried:

@@ -36,6 +36,11 @@ def validate_group(g: dict) -> None:
     if g["base"] not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {g['base']!r}")
     check_backend(g["backend"])
+    if g.get("beta_schedule", "cycle") not in ("cycle", "training"):
+        raise ValueError(f"beta_schedule must be 'cycle' or 'training', got {g['beta_schedule']!r}")
+    ts = g.get("total_steps")
+    if g.get("beta_schedule") == "training" and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 1):
+        raise ValueError(f"beta_schedule='training' needs total_steps, an integer >= 1, got {ts!r}")
     if g["init_v"] not in ("grad", "carry"):
         raise ValueError(f"init_v must be 'grad' or 'carry', got {g['init_v']!r}")
     check_k(g["k"])
