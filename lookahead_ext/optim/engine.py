@@ -190,6 +190,11 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     weight_decay (default 0) as torch.optim.SGD; ``base="adamw"``: lr, betas, eps,
     weight_decay (default 1e-2, torch.optim.AdamW's) as torch.optim.AdamW (amsgrad=False).
     ``track_cosine``: record cosine(d_k, d_{k-1}) in ``cosine_history`` (off by default).
+    ``max_grad_norm``: clip every probe's gradient by its own global norm (over all
+    groups, unscaled under a GradScaler) as torch.nn.utils.clip_grad_norm_ would, before
+    it enters the step; None (default) does not clip. ``last_grad_norm`` reports the
+    largest pre-clip norm of the step's probes. The gradient handed back in ``.grad``
+    after the step is the last probe's, unclipped.
     """
 
     direction = "momentum"
@@ -198,7 +203,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
 
     # keys read from param_groups[0] only: they shape the cycle, not a group's step
     _GLOBAL_KEYS = ("k", "alpha", "beta_start", "beta_end", "gamma", "init_v", "norm_eps",
-                    "backend", "reset_base_state", "base")
+                    "backend", "reset_base_state", "base", "max_grad_norm")
 
     def __init__(self, params, lr: float = 1e-3, base: str = SGD, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False,
@@ -207,14 +212,15 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                  lam: float = 0.1, k: int = 10, alpha: float = 0.9, beta_start: float = 0.9,
                  beta_end: float = 0.99, gamma: float = 0.5, init_v: str = "grad",
                  norm_eps: float = 1e-12, backend: str = "auto", reset_base_state: bool = False,
-                 track_cosine: bool = False):
+                 track_cosine: bool = False, max_grad_norm: Optional[float] = None):
         if weight_decay is None:  # the base optimizer's torch default
             weight_decay = 1e-2 if base == ADAMW else 0.0
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening,
                         nesterov=nesterov, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                         rho=rho, lam=lam, k=k, alpha=alpha, beta_start=beta_start,
                         beta_end=beta_end, gamma=gamma, init_v=init_v, norm_eps=norm_eps,
-                        backend=backend, reset_base_state=reset_base_state)
+                        backend=backend, reset_base_state=reset_base_state,
+                        max_grad_norm=max_grad_norm)
         self._validate(defaults)
         super().__init__(params, defaults)
         for g in self.param_groups:
@@ -228,6 +234,9 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         self._plan: Optional[tuple] = None  # (signature, buckets): see _step_buckets
         self._missing = False
         self._probe_sq: dict = {}
+        self._clip: dict = {}  # probe name -> clip factor < 1 (max_grad_norm): see _clip_probe
+        self._grad_norms: list = []
+        self._last_norms: Optional[list] = None  # see last_grad_norm
         self._v_sq: Optional[tuple] = None  # (||v||^2, [(v tensor, version)]): see _v_norm_sq
         self._slow: dict = {}
         self.last_loss = None
@@ -269,6 +278,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         b1, b2 = g["betas"]
         _check_range("betas[0]", b1, 0.0, 1.0, hi_open=True)
         _check_range("betas[1]", b2, 0.0, 1.0, hi_open=True)
+        if g.get("max_grad_norm") is not None:
+            _check_range("max_grad_norm", g["max_grad_norm"], 0.0, math.inf, lo_open=True)
         if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
@@ -282,6 +293,10 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     # ------------------------------------------------------------------ properties
     def _glob(self, key):
         return self.param_groups[0][key]
+
+    def _glob_opt(self, key):
+        """A global key that state dicts saved before it existed do not carry."""
+        return self.param_groups[0].get(key)
 
     def _lam(self, group: dict) -> float:
         """The regularisation strength of a group (SAM and ML-SAM tie it to rho)."""
@@ -301,6 +316,16 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
     def num_skipped(self) -> int:
         """Updates skipped because a loss or gradient was not finite."""
         return self._engine["skipped"]
+
+    @property
+    def last_grad_norm(self) -> Optional[float]:
+        """The largest global gradient norm among the last step's probes, unscaled (under a
+        GradScaler) and before clipping: max_grad_norm clipped that step iff it exceeds
+        max_grad_norm. NaN for a skipped step, None before the first step."""
+        norms = self._last_norms
+        if norms is None:
+            return None
+        return max(float(n) for n in norms) if norms else math.nan
 
     @property
     def cycle_position(self) -> int:
@@ -361,6 +386,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         self.last_loss = None
         self._missing = False  # set by _probe: some parameter had no gradient in some probe
         self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients
+        self._clip, self._grad_norms = {}, []  # set by _probe: see _clip_probe
         self._dirs = [] if self.track_cosine else None
         buckets = self._step_buckets()
         committed = False
@@ -370,6 +396,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         except _Skip:
             committed = True  # weights already restored
             self._dirs = None
+            self._grad_norms = []
         finally:
             if not committed:
                 with torch.no_grad():
@@ -378,6 +405,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             with torch.no_grad():
                 self._record_cosine()
         self._dirs = None
+        if committed:
+            self._last_norms = self._grad_norms
         self._opt_called = True  # lets torch lr schedulers know a step happened
 
     # -- building blocks (see "Extension points") ----------------------------
@@ -549,7 +578,33 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             self._probe_sq[name] = parts[0][1]
         else:
             self._probe_sq[name] = self._sum_parts([res[1:] for res, _ in parts], 1)[0]
+        self._clip_probe(name, grads)
         return grads
+
+    def _clip_probe(self, name, grads) -> None:
+        """Record probe ``name``'s global gradient norm (unscaled, before clipping) and, under
+        ``max_grad_norm``, clip it by torch.nn.utils.clip_grad_norm_'s factor
+        min(1, max_grad_norm / (norm + 1e-6)). The family's own step applies the factor as
+        the coefficient of that gradient in d (no extra pass: its direction and v update
+        use normalised gradients, which clipping leaves unchanged); a subclass overriding
+        ``_probe_and_commit`` gets the gradients scaled in place (one pass) instead."""
+        sq = self._probe_sq[name]
+        if getattr(self, "norm_hook", None) is not None:  # sum over shards (FSDP2)
+            sq = self.norm_hook(torch.tensor(sq, dtype=torch.float32) if isinstance(sq, float) else sq)
+        norm = math.sqrt(sq) if isinstance(sq, float) else sq.sqrt()
+        self._grad_norms.append(norm)
+        max_norm = self._glob_opt("max_grad_norm")
+        if not max_norm:
+            return
+        c = max_norm / (float(norm) + 1e-6)  # a host read of the norm on CUDA
+        if c >= 1.0:
+            return
+        if type(self)._probe_and_commit is ProbeOptimizer._probe_and_commit:
+            self._clip[name] = c
+        else:
+            with _no_grad():
+                torch._foreach_mul_([g for gl in grads for g in gl if g is not None], c)
+            self._probe_sq[name] = self._probe_sq[name] * (c * c)
 
     @staticmethod
     def _keep_masks(buckets, probes: dict) -> list[list[bool]]:
@@ -658,6 +713,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 grads, coefs = (None, gp, gm), (0.0, (rho + lam) / (2 * rho), (rho - lam) / (2 * rho))
             else:                             # eq. 8
                 grads, coefs = (g0, gp, gm), (1.0, lam / (2 * rho), -lam / (2 * rho))
+            if self._clip:  # max_grad_norm: each clipped probe's factor (see _clip_probe)
+                coefs = tuple(c * self._clip.get(n, 1.0) for c, n in zip(coefs, ("g0", "g+", "g-")))
             v = v_coefs = None
             if momentum_like:
                 v = [self._v(p) for p in b.params]
