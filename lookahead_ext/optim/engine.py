@@ -222,6 +222,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                         backend=backend, reset_base_state=reset_base_state,
                         max_grad_norm=max_grad_norm)
         self._validate(defaults)
+        if base == SGD:  # torch's OneCycleLR/CyclicLR cycle "betas", not "momentum", if present
+            del defaults["betas"]
         super().__init__(params, defaults)
         for g in self.param_groups:
             self._validate(g)
@@ -273,11 +275,12 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
         _check_range("weight_decay", g["weight_decay"], 0.0, math.inf)
         _check_range("eps", g["eps"], 0.0, math.inf, lo_open=True)
         _check_range("norm_eps", g["norm_eps"], 0.0, math.inf, lo_open=True)
-        if len(tuple(g["betas"])) != 2:
-            raise ValueError(f"betas must be a pair, got {g['betas']!r}")
-        b1, b2 = g["betas"]
-        _check_range("betas[0]", b1, 0.0, 1.0, hi_open=True)
-        _check_range("betas[1]", b2, 0.0, 1.0, hi_open=True)
+        if "betas" in g:  # base="sgd" groups carry none (see __init__)
+            if len(tuple(g["betas"])) != 2:
+                raise ValueError(f"betas must be a pair, got {g['betas']!r}")
+            b1, b2 = g["betas"]
+            _check_range("betas[0]", b1, 0.0, 1.0, hi_open=True)
+            _check_range("betas[1]", b2, 0.0, 1.0, hi_open=True)
         if g.get("max_grad_norm") is not None:
             _check_range("max_grad_norm", g["max_grad_norm"], 0.0, math.inf, lo_open=True)
         if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
@@ -789,6 +792,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             for i, key in enumerate(keys):
                 sub.setdefault(key, []).append(i)
             subsets = list(sub.items())
+        betas = g.get("betas", (0.9, 0.999))  # base="sgd" groups carry none
         for key, idx in subsets:
             sel = (lambda lst: lst) if idx is None else \
                 (lambda lst: None if lst is None else [lst[i] for i in idx])  # noqa: E731
@@ -796,7 +800,7 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
             base = BaseStep(kind=kind, lr=float(g["lr"]), weight_decay=g["weight_decay"],
                             momentum=g["momentum"], dampening=g["dampening"],
                             nesterov=g["nesterov"], first=bool(key) if kind == SGD else False,
-                            beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
+                            beta1=betas[0], beta2=betas[1], eps=g["eps"],
                             step=key if kind == ADAMW else 1)
             state = {name: [self._state_buffer(p, name, st) for p, st in zip(params, pstates)]
                      for name in base.state_names()}
