@@ -1,11 +1,14 @@
-"""Adapters for training frameworks that call ``optimizer.step()`` without a closure (HF Trainer).
+"""Adapters for training frameworks that step the optimizer without a closure (HF Trainer, Lightning).
 
 Hugging Face ``Trainer`` calls ``training_step`` (forward + backward) once per micro-batch
 and then, separately, ``optimizer.step()``. A probe optimizer needs the forward/backward
 inside its step, so :class:`ProbeTrainerMixin` runs the whole probe step in the training
 step of an update's last micro-batch, over all of that update's micro-batches, and wraps
 the optimizer in :class:`DeferredStep`, whose ``step()`` without a closure is a no-op (the
-update already happened). Lightning needs no adapter (see docs/training.md).
+update already happened). Lightning passes a closure in both optimization modes; what it
+needs is a fp16 precision plugin that steps with it (:class:`ProbeMixedPrecision`) and a
+refusal of the set-ups that would silently train wrong (:func:`check_lightning`,
+:class:`ProbeLightningCallback`). See docs/training.md.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from torch.optim import Optimizer
 
 from . import amp
 
-__all__ = ["DeferredStep", "ProbeTrainerMixin", "needs_closure"]
+__all__ = ["DeferredStep", "ProbeTrainerMixin", "needs_closure", "check_lightning",
+           "ProbeMixedPrecision", "ProbeLightningCallback"]
 
 
 def needs_closure(optimizer) -> bool:
@@ -235,3 +239,97 @@ class ProbeTrainerMixin:
     def _save_checkpoint(self, *args, **kwargs):
         with self._on_slow_weights(keep_fast=True):
             return super()._save_checkpoint(*args, **kwargs)
+
+
+# -- PyTorch Lightning ----------------------------------------------------------------------
+_ACCUM_MSG = ("{name} with accumulate_grad_batches={n} in automatic optimization would "
+              "silently drop the earlier batches' gradients (each probe re-evaluates the "
+              "gradient at a new point and can only run the current batch). Use "
+              "accumulate_grad_batches=1 and accumulate inside training_step (loop over "
+              "micro-batches, calling self.manual_backward per micro-batch in manual "
+              "optimization), or a larger batch.")
+
+
+def check_lightning(trainer, pl_module) -> None:
+    """Refuse, with a clear error, Lightning set-ups that would train a probe optimizer
+    wrong: automatic optimization with ``accumulate_grad_batches > 1``, and Lightning's
+    own fp16 ``MixedPrecision`` plugin (it calls the closure once, then
+    ``scaler.step(opt)`` without it)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    for opt in trainer.optimizers:
+        if not needs_closure(opt):
+            continue
+        name = type(opt).__name__
+        n = trainer.accumulate_grad_batches
+        if pl_module.automatic_optimization and n != 1:
+            raise ValueError(_ACCUM_MSG.format(name=name, n=n))
+        plugin = trainer.precision_plugin
+        if (isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+                and not isinstance(plugin, __getattr__("ProbeMixedPrecision"))):
+            raise ValueError(f"{name} under precision='16-mixed' needs "
+                             "plugins=[lookahead_ext.integrations.ProbeMixedPrecision('16-mixed', "
+                             "device)] in place of the precision flag: Lightning's plugin steps "
+                             "the optimizer without the closure")
+
+
+def _lightning_classes():
+    """ProbeMixedPrecision and ProbeLightningCallback, built on first use (Lightning is optional)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins.precision import MixedPrecision
+    from pytorch_lightning.utilities import GradClipAlgorithmType
+
+    class ProbeMixedPrecision(MixedPrecision):
+        """Lightning's ``MixedPrecision`` ("16-mixed", "bf16-mixed") for probe optimizers:
+        ``plugins=[ProbeMixedPrecision("16-mixed", "cpu" or "cuda")]``.
+
+        With fp16's GradScaler the probe step runs through :func:`lookahead_ext.amp.probes`:
+        Lightning's closure (training_step and the scaled backward) runs once per probe,
+        each probe's gradients are unscaled in the optimizer's fused check, an overflow in
+        any probe skips the update and the scale backs off. ``gradient_clip_val`` (norm)
+        becomes the optimizer's ``max_grad_norm`` (the unscaled norm of every probe);
+        clipping by value is refused. Other optimizers, and bf16, take Lightning's path."""
+
+        def _probing(self, optimizer) -> bool:
+            return self.scaler is not None and hasattr(optimizer, "probes")
+
+        def optimizer_step(self, optimizer, model, closure, **kwargs):
+            if not self._probing(optimizer):
+                return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+            first = None
+            for probe in amp.probes(optimizer, self.scaler):
+                with torch.enable_grad():
+                    out = closure()
+                self._after_closure(model, optimizer)  # hooks and clip_gradients below
+                probe.loss = out
+                first = out if probe.index == 0 else first
+            self.scaler.update()
+            return first
+
+        def clip_gradients(self, optimizer, clip_val=0.0,
+                           gradient_clip_algorithm=GradClipAlgorithmType.NORM):
+            if not self._probing(optimizer):
+                return super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+            if not clip_val or clip_val <= 0:
+                return
+            if gradient_clip_algorithm != GradClipAlgorithmType.NORM:
+                raise ValueError(f"{type(optimizer).__name__} under fp16 clips by norm only "
+                                 "(gradient_clip_algorithm='norm')")
+            optimizer.param_groups[0]["max_grad_norm"] = float(clip_val)  # read by each capture
+
+    class ProbeLightningCallback(pl.Callback):
+        """``callbacks=[ProbeLightningCallback()]``: :func:`check_lightning` at fit start."""
+
+        def on_fit_start(self, trainer, pl_module):
+            check_lightning(trainer, pl_module)
+
+    return {"ProbeMixedPrecision": ProbeMixedPrecision,
+            "ProbeLightningCallback": ProbeLightningCallback}
+
+
+def __getattr__(name):
+    if name in ("ProbeMixedPrecision", "ProbeLightningCallback"):
+        if name not in globals():  # built once: isinstance checks need the one class
+            globals().update(_lightning_classes())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
