@@ -15,8 +15,9 @@ from . import ops  # noqa: E402
 from .optim import (CLR, CMLR, CR, CRSAM, FMLR, FR, GSAM, LR, MLSAM, SAM,  # noqa: E402
                     Lookahead, LookbehindSAM, Probe, ProbeOptimizer)
 from .bio import LookaheadBio  # noqa: E402
+from .factory import create_optimizer  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ops", "CMLR", "FMLR", "MLSAM", "CLR", "LR", "FR", "CR", "SAM", "Lookahead",
            "LookbehindSAM", "GSAM", "CRSAM",
-           "ProbeOptimizer", "Probe", "LookaheadBio", "__version__"]
+           "ProbeOptimizer", "Probe", "LookaheadBio", "create_optimizer", "__version__"]
