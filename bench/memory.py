@@ -23,6 +23,7 @@ import argparse
 import gc
 import os
 import sys
+import warnings
 import weakref
 
 import torch
@@ -59,9 +60,12 @@ class LiveBytes(TorchDispatchMode):
 
     def track_all_alive(self) -> None:
         gc.collect()
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and not obj.is_meta:
-                self.track(obj)
+        with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
+            warnings.simplefilter("ignore")
+            alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        for t in alive:
+            if not t.is_meta:
+                self.track(t)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
