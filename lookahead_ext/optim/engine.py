@@ -509,8 +509,11 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                                         memory_format=torch.contiguous_format)
         return st[name]
 
-    def _probe(self, buckets, index, name, direction=None, sign=0.0, inv_vnorm=None):
-        """Put the params at w + sign*rho*inv_vnorm*direction, yield a Probe, capture the grads."""
+    def _probe(self, buckets, index, name, direction=None, sign=0.0, inv_vnorm=None,
+               release_direction=False):
+        """Put the params at w + sign*rho*inv_vnorm*direction, yield a Probe, capture the grads.
+        ``release_direction``: the caller's last use of ``direction``: its per-bucket lists are
+        emptied once the probe point is written, before the probe's backward."""
         backend = self._backend()
         with _no_grad():
             for bi, b in enumerate(buckets):
@@ -530,6 +533,9 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 if not self._probe_sq:  # a probe's capture (it fills _probe_sq) left them None
                     for p in b.params:
                         p.grad = None
+        if release_direction:
+            for dl in direction:
+                dl.clear()
         probe = Probe(index, name)
         yield probe
         self._engine["evals"] += 1
@@ -654,7 +660,14 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 vdir = [[self._v(p) for p in b.params] for b in buckets]
                 sq_v = self._v_norm_sq(vdir)
             inv_v = self._norm_inv(sq_v)
-        probes["g+"] = yield from self._probe(buckets, idx, "g+", vdir, +1.0, inv_v)
+        # SAM-type steps (d = g+ exactly, no momentum): g0 only gives the direction. Keep
+        # which parameters had a gradient and free its tensors before g+'s backward.
+        g0_dead = (self.direction == "grad" and self.scheme == "forward"
+                   and all(self._lam(b.group) == b.group["rho"] for b in buckets))
+        if g0_dead:
+            probes["g0"] = [[None if g is None else True for g in gl] for gl in probes["g0"]]
+        probes["g+"] = yield from self._probe(buckets, idx, "g+", vdir, +1.0, inv_v,
+                                              release_direction=g0_dead)
         if self.scheme != "forward":
             probes["g-"] = yield from self._probe(buckets, idx + 1, "g-", vdir, -1.0, inv_v)
         with _no_grad():
@@ -718,6 +731,8 @@ class ProbeOptimizer(SlowWeightsMixin, Optimizer):
                 grads, coefs = (g0, gp, gm), (1.0, lam / (2 * rho), -lam / (2 * rho))
             if self._clip:  # max_grad_norm: each clipped probe's factor (see _clip_probe)
                 coefs = tuple(c * self._clip.get(n, 1.0) for c, n in zip(coefs, ("g0", "g+", "g-")))
+            if not momentum_like:  # a zero coefficient's gradient is not read (SAM's g0 is freed)
+                grads = tuple(None if c == 0.0 else gr for gr, c in zip(grads, coefs))
             v = v_coefs = None
             if momentum_like:
                 v = [self._v(p) for p in b.params]
