@@ -24,14 +24,20 @@ __all__ = ["DeferredStep", "ProbeTrainerMixin", "needs_closure", "check_lightnin
            "ProbeMixedPrecision", "ProbeLightningCallback"]
 
 
+def probe_optimizer(optimizer):
+    """The probe optimizer inside ``optimizer`` (itself, or the one a Lookahead or a
+    framework's wrapper holds), or None."""
+    while optimizer is not None:
+        if hasattr(optimizer, "probes"):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
 def needs_closure(optimizer) -> bool:
     """Whether ``optimizer.step()`` must be given a closure: a probe optimizer, or a
     Lookahead around one."""
-    while optimizer is not None:
-        if hasattr(optimizer, "probes"):
-            return True
-        optimizer = getattr(optimizer, "optimizer", None)
-    return False
+    return probe_optimizer(optimizer) is not None
 
 
 class DeferredStep(Optimizer):
@@ -163,9 +169,8 @@ class ProbeTrainerMixin:
         max_norm = self.args.max_grad_norm
         if max_norm is not None and max_norm > 0 and not math.isfinite(max_norm):
             raise ValueError(f"max_grad_norm must be finite, got {max_norm}")
-        for target in (opt, getattr(opt, "optimizer", None)):  # a Lookahead's probe optimizer
-            if target is not None and hasattr(target, "probes"):
-                target.param_groups[0]["max_grad_norm"] = max_norm if max_norm and max_norm > 0 else None
+        probe_optimizer(opt).param_groups[0]["max_grad_norm"] = (
+            max_norm if max_norm and max_norm > 0 else None)
 
         def closure():  # one probe: every micro-batch of this update, as the Trainer runs it
             total = None
@@ -200,7 +205,7 @@ class ProbeTrainerMixin:
             deferred = self._deferred()
             if deferred is None:
                 return plain(parameters, max_norm, norm_type)
-            norm = deferred.last_grad_norm
+            norm = probe_optimizer(deferred).last_grad_norm
             return torch.tensor(math.nan if norm is None else norm)
 
         clip_grad_norm_._probe_trainer = True

@@ -179,3 +179,14 @@ def test_evaluation_and_checkpoints_on_slow_weights():
         t2.train(resume_from_checkpoint=ckpt)
         assert all(torch.equal(a, b) for a, b in zip(fast, weights(resumed)))
         assert o2.cycle_position == opt.cycle_position == 2
+
+
+def test_lookahead_around_a_probe_optimizer():
+    """Lookahead(SAM) needs the closure too: one SAM step and one Lookahead count per trainer
+    step, clipping set on the inner SAM, its grad norm logged."""
+    model, opt, trainer = train(lambda p: la.Lookahead(la.SAM(p, lr=0.05), k=3), steps=4,
+                                max_grad_norm=0.05)
+    assert opt.optimizer.num_steps == 4 and opt.cycle_position == 1
+    assert opt.optimizer.param_groups[0]["max_grad_norm"] == 0.05
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(logged) == 4 and logged[-1] == pytest.approx(opt.optimizer.last_grad_norm)
