@@ -1,5 +1,6 @@
-"""Hugging Face Trainer with a probe optimizer (CMLR): the closure is the Trainer's own
-compute_loss + accelerator.backward, run inside training_step (lookahead_ext.integrations).
+"""Hugging Face Trainer with a probe optimizer (CMLR) through ProbeTrainerMixin: every probe
+runs the Trainer's own training_step over the update's accumulation micro-batches,
+max_grad_norm clips each probe inside the step, and evaluation sees the slow weights.
 
     python examples/hf_trainer.py --steps 30
 """
@@ -46,15 +47,17 @@ def main(steps=30, seed=0, output_dir=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=output_dir or tmp, max_steps=steps,
-                                 per_device_train_batch_size=32, max_grad_norm=0.0,
+                                 per_device_train_batch_size=16, gradient_accumulation_steps=2,
+                                 max_grad_norm=1.0,
                                  report_to=[], save_strategy="no", logging_steps=10,
                                  use_cpu=True, disable_tqdm=True, seed=seed)
         trainer = ProbeTrainer(model=model, args=args, train_dataset=data,
                                optimizers=(opt, sched))
         before = trainer.evaluate(eval_dataset=data)["eval_loss"]
         trainer.train()
-        after = trainer.evaluate(eval_dataset=data)["eval_loss"]
-    print(f"eval loss {before:.4f} -> {after:.4f}; gradient evaluations: {opt.num_evals}")
+        after = trainer.evaluate(eval_dataset=data)["eval_loss"]   # on the slow weights
+    print(f"eval loss {before:.4f} -> {after:.4f}; gradient evaluations: {opt.num_evals}; "
+          f"last grad norm {opt.last_grad_norm:.3f}")
     return before, after, opt
 
 

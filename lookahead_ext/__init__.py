@@ -16,7 +16,8 @@ from .optim import (CLR, CMLR, CR, CRSAM, FMLR, FR, GSAM, LR, MLSAM, SAM,  # noq
                     Lookahead, LookbehindSAM, Probe, ProbeOptimizer)
 from .bio import LookaheadBio  # noqa: E402
 from ._version import __version__  # noqa: E402
+from .factory import create_optimizer  # noqa: E402
 
 __all__ = ["ops", "CMLR", "FMLR", "MLSAM", "CLR", "LR", "FR", "CR", "SAM", "Lookahead",
            "LookbehindSAM", "GSAM", "CRSAM",
-           "ProbeOptimizer", "Probe", "LookaheadBio", "__version__"]
+           "ProbeOptimizer", "Probe", "LookaheadBio", "create_optimizer", "__version__"]

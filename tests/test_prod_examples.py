@@ -1,4 +1,5 @@
-"""The integration examples (examples/*.py) run and train: plain loop, HF Trainer, Lightning."""
+"""The integration examples (examples/*.py) run and train: plain loop, HF Trainer, Lightning
+(manual and automatic optimization)."""
 import importlib.util
 import os
 
@@ -38,4 +39,12 @@ def test_lightning_manual_optimization():
     pytest.importorskip("pytorch_lightning")
     before, after, opt = load("lightning_manual").main(steps=20)
     assert opt.num_evals == 4 * (2 * 5 + 1)
+    assert after < 0.5 * before
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_lightning_automatic_optimization(precision):
+    pytest.importorskip("pytorch_lightning")
+    before, after, opt = load("lightning_auto").main(steps=20, precision=precision)
+    assert opt.num_evals == 4 * (2 * 5 + 1)   # every step probed (skipped fp16 steps included)
     assert after < 0.5 * before

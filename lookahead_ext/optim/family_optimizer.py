@@ -11,7 +11,7 @@ from ..ops.plan_lists import PlanList
 from ._buckets import state_dtype
 from ._grad_mode import no_grad as _no_grad
 from .runtime import ProbeRuntime
-from .scheme import CENTRAL, MOMENTUM, Direction, Scheme, direction_of, scheme_of
+from .scheme import CENTRAL, MOMENTUM, PROBE_NAMES, Direction, Scheme, direction_of, scheme_of
 
 
 class ProbeOptimizer(ProbeRuntime):
@@ -72,6 +72,11 @@ class ProbeOptimizer(ProbeRuntime):
             :meth:`beta_k` and docs/paper-readings.md. Default: ``"cycle"``.
         total_steps: the number of inner steps T of the training run, for
             ``beta_schedule="training"``. Default: None.
+        max_grad_norm: clip every probe's gradient by its own global norm (over all
+            groups, unscaled under a GradScaler) as torch.nn.utils.clip_grad_norm_ would,
+            before it enters the step; None does not clip. ``last_grad_norm`` reports the
+            largest pre-clip norm of the step's probes. The gradient handed back in
+            ``.grad`` after the step is the last probe's, unclipped. Default: None.
     """
 
     direction: Direction = MOMENTUM
@@ -91,7 +96,7 @@ class ProbeOptimizer(ProbeRuntime):
                  beta_end: float = 0.99, gamma: float = 0.5, init_v: str = "grad",
                  norm_eps: float = 1e-12, backend: str = "auto", reset_base_state: bool = False,
                  track_cosine: bool = False, beta_schedule: str = "cycle",
-                 total_steps: Optional[int] = None):
+                 total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None):
         if weight_decay is None:  # the base optimizer's torch default
             weight_decay = 1e-2 if base == ADAMW else 0.0
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening,
@@ -99,9 +104,16 @@ class ProbeOptimizer(ProbeRuntime):
                         rho=rho, lam=lam, k=k, alpha=alpha, beta_start=beta_start,
                         beta_end=beta_end, gamma=gamma, init_v=init_v, norm_eps=norm_eps,
                         backend=backend, reset_base_state=reset_base_state,
-                        beta_schedule=beta_schedule, total_steps=total_steps)
+                        beta_schedule=beta_schedule, total_steps=total_steps,
+                        max_grad_norm=max_grad_norm)
+        if base == SGD:  # torch's OneCycleLR/CyclicLR cycle "betas", not "momentum", if present
+            del defaults["betas"]
         self._v_sq: Optional[tuple] = None  # (||v||^2, [(v tensor, version)]): see _v_norm_sq
         super().__init__(params, defaults, track_cosine=track_cosine)
+
+    @property
+    def _clip_as_coefficient(self) -> bool:  # the family's own step (see _clip_probe)
+        return type(self)._probe_and_commit is ProbeOptimizer._probe_and_commit
 
     # ------------------------------------------------------------------ the scheme's numbers
     def _lam(self, group: dict) -> float:
@@ -168,9 +180,17 @@ class ProbeOptimizer(ProbeRuntime):
                 vdir = [PlanList([self._v(p) for p in b.params]) for b in buckets]
                 sq_v = self._v_norm_sq(vdir)
             inv_v = self._norm_inv(sq_v)
+        # SAM-type steps (d = g+ exactly, no momentum): g0 only gives the direction. Keep
+        # which parameters had a gradient and free its tensors before g+'s backward.
+        g0_dead = (fresh and not carried and self.scheme.probes == ("g0", "g+")
+                   and all(self.scheme.coefs(b.group["rho"], self._lam(b.group))[0] == 0.0
+                           for b in buckets))
+        if g0_dead:
+            probes["g0"] = [[None if g is None else True for g in gl] for gl in probes["g0"]]
         for name, sign in (("g+", +1.0), ("g-", -1.0)):
             if name in self.scheme.probes:
-                probes[name] = yield from self._probe(buckets, idx, name, vdir, sign, inv_v)
+                probes[name] = yield from self._probe(buckets, idx, name, vdir, sign, inv_v,
+                                                      release_direction=g0_dead and name == "g+")
                 idx += 1
         with _no_grad():
             self._commit(buckets, probes, vdir, inv_v, need_v_init, k, K)
@@ -231,6 +251,10 @@ class ProbeOptimizer(ProbeRuntime):
             grads = tuple(filled[n][bi] if n in filled and n in self.scheme.probes else None
                           for n in ("g0", "g+", "g-"))
             coefs = self.scheme.coefs(b.group["rho"], self._lam(b.group))
+            if self._clip:  # max_grad_norm: each clipped probe's factor (see _clip_probe)
+                coefs = tuple(c * self._clip.get(n, 1.0) for c, n in zip(coefs, PROBE_NAMES))
+            if not carried:  # a zero coefficient's gradient is not read (SAM's g0 is freed)
+                grads = tuple(None if c == 0.0 else gr for gr, c in zip(grads, coefs))
             v = v_coefs = None
             if carried:
                 v = PlanList([self._v(p) for p in b.params])

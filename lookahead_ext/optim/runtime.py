@@ -94,6 +94,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._plan: Optional[tuple] = None  # (signature, buckets): see _step_buckets
         self._missing = False
         self._probe_sq: dict = {}
+        self._clip: dict = {}  # probe name -> clip factor < 1 (max_grad_norm): see _clip_probe
+        self._grad_norms: list = []
+        self._last_norms: Optional[list] = None  # see last_grad_norm
         self._slow: dict = {}
         self.last_loss = None
         self.track_cosine = bool(track_cosine)
@@ -103,6 +106,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             init_slow(trainable(self.param_groups), self._slow)
 
     _validate = staticmethod(validate_group)
+    #: max_grad_norm scales d's coefficients (True) instead of the gradients (see _clip_probe)
+    _clip_as_coefficient = False
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -178,6 +183,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self.last_loss = None
         self._missing = False  # set by _probe: some parameter had no gradient in some probe
         self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients
+        self._clip, self._grad_norms = {}, []  # set by _probe: see _clip_probe
         self._dirs = [] if self.track_cosine else None
         buckets = self._step_buckets()
         committed = False
@@ -187,6 +193,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         except _Skip:
             committed = True  # weights already restored
             self._dirs = None
+            self._grad_norms = []
         finally:
             if not committed:
                 with torch.no_grad():
@@ -195,6 +202,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             with torch.no_grad():
                 self._record_cosine()
         self._dirs = None
+        if committed:
+            self._last_norms = self._grad_norms
         self._opt_called = True  # lets torch lr schedulers know a step happened
 
     def _probe_and_commit(self, buckets):
@@ -272,11 +281,14 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         return state_buffer(p, self.state[p] if st is None else st, name)
 
     # ------------------------------------------------------------------ one probe
-    def _probe(self, buckets, index, name, direction=None, sign=0.0, inv_vnorm=None):
+    def _probe(self, buckets, index, name, direction=None, sign=0.0, inv_vnorm=None,
+               release_direction=False):
         """Put every bucket's params at w + sign*rho*inv_vnorm*direction (``direction``: per
         bucket, a tensor list; none = at w), yield a Probe, then capture and return the
         gradients (per bucket, a list with None for params without grad), count the
-        evaluation and skip the update on non-finite values."""
+        evaluation and skip the update on non-finite values. ``release_direction``: the
+        caller's last use of ``direction``: its per-bucket lists are emptied once the probe
+        point is written, before the probe's backward."""
         backend = self._backend()
         with _no_grad():
             for bi, b in enumerate(buckets):
@@ -296,6 +308,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 if not self._probe_sq:  # a probe's capture (it fills _probe_sq) left them None
                     for p in b.params:
                         p.grad = None
+        if release_direction:
+            for dl in direction:
+                dl.clear()
         probe = Probe(index, name)
         if self._probe_pre_hooks:
             self._run_probe_pre_hooks(probe)
@@ -358,7 +373,43 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             self._probe_sq[name] = parts[0][1]
         else:
             self._probe_sq[name] = sum_parts([res[1:] for res, _ in parts], 1)[0]
+        self._clip_probe(name, grads)
         return grads
+
+    def _clip_probe(self, name, grads) -> None:
+        """Record probe ``name``'s global gradient norm (unscaled, before clipping) and, under
+        ``max_grad_norm``, clip it by torch.nn.utils.clip_grad_norm_'s factor
+        min(1, max_grad_norm / (norm + 1e-6)). The family's own step applies the factor as
+        the coefficient of that gradient in d (no extra pass: its direction and v update
+        use normalised gradients, which clipping leaves unchanged); an optimizer that
+        overrides ``_probe_and_commit`` gets the gradients scaled in place (one pass)."""
+        sq = self._probe_sq[name]
+        if self._norm_reducers:  # e.g. a sum over shards (FSDP2)
+            sq = self._reduce_norm(torch.tensor(sq, dtype=torch.float32) if isinstance(sq, float) else sq)
+        norm = math.sqrt(sq) if isinstance(sq, float) else sq.sqrt()
+        self._grad_norms.append(norm)
+        max_norm = self.param_groups[0].get("max_grad_norm")
+        if not max_norm:
+            return
+        c = max_norm / (float(norm) + 1e-6)  # a host read of the norm on CUDA
+        if c >= 1.0:
+            return
+        if self._clip_as_coefficient:
+            self._clip[name] = c
+        else:
+            with _no_grad():
+                torch._foreach_mul_([g for gl in grads for g in gl if g is not None], c)
+            self._probe_sq[name] = self._probe_sq[name] * (c * c)
+
+    @property
+    def last_grad_norm(self) -> Optional[float]:
+        """The largest global gradient norm among the last step's probes, unscaled (under a
+        GradScaler) and before clipping: max_grad_norm clipped that step iff it exceeds
+        max_grad_norm. NaN for a skipped step, None before the first step."""
+        norms = self._last_norms
+        if norms is None:
+            return None
+        return max(float(n) for n in norms) if norms else math.nan
 
     # ------------------------------------------------------------------ commit
     @staticmethod
@@ -391,10 +442,11 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         g = b.group
         self._ensure_synced([b])
         states = [self.state[p] for p in b.params]
+        betas = g.get("betas", (0.9, 0.999))  # base="sgd" groups carry none
         template = BaseStep(kind=self._glob("base"), lr=float(g["lr"]),
                             weight_decay=g["weight_decay"], momentum=g["momentum"],
                             dampening=g["dampening"], nesterov=g["nesterov"],
-                            beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"])
+                            beta1=betas[0], beta2=betas[1], eps=g["eps"])
         for base, idx in per_parameter_steps(states, template):
             sel = (lambda lst: lst) if idx is None else \
                 (lambda lst: None if lst is None else [lst[i] for i in idx])  # noqa: E731

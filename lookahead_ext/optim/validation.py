@@ -61,11 +61,14 @@ def validate_group(g: dict) -> None:
     check_range("weight_decay", g["weight_decay"], 0.0, math.inf)
     check_range("eps", g["eps"], 0.0, math.inf, lo_open=True)
     check_range("norm_eps", g["norm_eps"], 0.0, math.inf, lo_open=True)
-    if len(tuple(g["betas"])) != 2:
-        raise ValueError(f"betas must be a pair, got {g['betas']!r}")
-    b1, b2 = g["betas"]
-    check_range("betas[0]", b1, 0.0, 1.0, hi_open=True)
-    check_range("betas[1]", b2, 0.0, 1.0, hi_open=True)
+    if "betas" in g:  # base="sgd" groups carry none (see ProbeOptimizer.__init__)
+        if len(tuple(g["betas"])) != 2:
+            raise ValueError(f"betas must be a pair, got {g['betas']!r}")
+        b1, b2 = g["betas"]
+        check_range("betas[0]", b1, 0.0, 1.0, hi_open=True)
+        check_range("betas[1]", b2, 0.0, 1.0, hi_open=True)
+    if g.get("max_grad_norm") is not None:
+        check_range("max_grad_norm", g["max_grad_norm"], 0.0, math.inf, lo_open=True)
     if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
