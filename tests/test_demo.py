@@ -52,9 +52,22 @@ def test_tiny_run_end_to_end(tmp_path):
     assert {p["algorithm"] for p in payload["sweep"]["table"]} == {"SAM", "CMLR"}
     md = (tmp_path / "demo.md").read_text()
     assert "| SGD |" in md and "| CMLR |" in md and "rho sweep" in md
+    table = (tmp_path / "table.md").read_text()
+    assert "| SAM |" in table and "](" not in table  # includable in the docs: no image links
+    figures = ("acc_vs_epoch.png", "acc_vs_evals.png", "memorised.png", "summary.png", "sweep.png")
+    _check_figures(tmp_path, figures)
+    # --render redraws the Markdown and the figures from demo.json alone
+    for f in figures + ("demo.md", "table.md"):
+        (tmp_path / f).unlink()
+    assert cli.main(["--render", str(tmp_path)]) == 0
+    assert (tmp_path / "demo.md").read_text() == md and (tmp_path / "table.md").read_text() == table
+    _check_figures(tmp_path, figures)
+
+
+def _check_figures(folder, names):
     import matplotlib.image
-    for f in ("acc_vs_epoch.png", "acc_vs_evals.png", "memorised.png", "summary.png", "sweep.png"):
-        img = matplotlib.image.imread(str(tmp_path / f))
+    for f in names:
+        img = matplotlib.image.imread(str(folder / f))
         assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 0.05, f
 
 

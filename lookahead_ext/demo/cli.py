@@ -4,6 +4,7 @@
     python -m lookahead_ext.demo --quick         # SGD, SAM, CMLR, 3 seeds: about a minute
     python -m lookahead_ext.demo --noise 0       # clean labels
     python -m lookahead_ext.demo --algos SGD SAM CMLR --seeds 0 1 2 --out DIR
+    python -m lookahead_ext.demo --render DIR    # redraw DIR's Markdown and figures from its demo.json
 
 What it does (docs/demo.md has the reasoning):
 
@@ -24,6 +25,7 @@ weight decay, batch 64; lookahead methods measured at their slow weights.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -93,7 +95,20 @@ def describe(cfg: dict) -> str:
             f"with 1 torch thread each; torch {torch.__version__}.")
 
 
+def render(out: str, data: dict) -> None:
+    report.write_markdown(out, data)
+    plots.plot_all(out, data["rows"], data["curves"], data["sweep"], data["settings"])
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:  # re-render demo.md, table.md and the figures from demo.json
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m lookahead_ext.demo --render DIR")
+        with open(os.path.join(argv[1], "demo.json")) as fh:
+            render(argv[1], json.load(fh))
+        return 0
     cfg = parse(argv)
     from tqdm import tqdm
     t0 = time.time()
@@ -102,11 +117,12 @@ def main(argv=None) -> int:
     rows = report.summarise(res, cfg)
     curves = {a: dict(equal_epochs=report.curve_stats(res["finals"][a]),
                       equal_evals=report.curve_stats(res["equal"][a])) for a in cfg["algos"]}
-    settings = describe(cfg)
-    report.write(cfg["out"], cfg, settings, res, rows, curves)
-    plots.plot_all(cfg["out"], rows, curves, res["sweep"], cfg)
+    data = report.payload(cfg, describe(cfg), res, rows, curves)
+    data["settings"]["total_wall_s"] = round(time.time() - t0, 1)
+    report.write_json(cfg["out"], data)
+    render(cfg["out"], data)
     print(report.results_table(rows))
     print("\n" + report.reading(rows, cfg))
-    print(f"\nwrote {cfg['out']}/demo.md, demo.json, {', '.join(report.FIGURES)} "
+    print(f"\nwrote {cfg['out']}/demo.md, table.md, demo.json, {', '.join(report.FIGURES)} "
           f"({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0

@@ -130,20 +130,33 @@ def reading(rows: list, cfg: dict) -> str:
 FIGURES = ("acc_vs_epoch.png", "acc_vs_evals.png", "memorised.png", "summary.png", "sweep.png")
 
 
-def write(out: str, cfg: dict, settings: str, res: dict, rows: list, curves: dict) -> None:
+def payload(cfg: dict, settings: str, res: dict, rows: list, curves: dict) -> dict:
+    """Everything demo.json holds; the Markdown and the figures are rendered from it alone."""
+    return dict(settings=dict(cfg, description=settings, budget_evals=res["budget"],
+                              steps_per_epoch=res["steps_per_epoch"], torch=torch.__version__),
+                rows=rows, sweep=res["sweep"], curves=curves)
+
+
+def write_json(out: str, data: dict) -> None:
     os.makedirs(out, exist_ok=True)
-    md = [f"# lookahead_ext demo: noisy labels ({100 * cfg['noise']:g}% flipped)", "", settings, "",
-          "## Results", "", "Test accuracy on the clean test set, mean ± std over seeds; "
-          "\"vs SAM, paired\": mean ± std of the per-seed difference (same split, noise, init "
-          "and batch order), with the number of seeds on which the algorithm is ahead. "
-          "\"noise memorised\": share of the flipped training labels the final model predicts.",
-          "", results_table(rows), "", "## Reading", "", reading(rows, cfg), "",
-          "## Figures", ""] + [f"![{f[:-4]}]({f})" for f in FIGURES] + \
-         ["", "## rho sweep (validation split, sweep seeds)", "", sweep_table(res["sweep"]), ""]
-    with open(os.path.join(out, "demo.md"), "w") as fh:
-        fh.write("\n".join(md))
-    payload = dict(settings=dict(cfg, description=settings, budget_evals=res["budget"],
-                                 steps_per_epoch=res["steps_per_epoch"], torch=torch.__version__),
-                   rows=rows, sweep=res["sweep"], curves=curves)
     with open(os.path.join(out, "demo.json"), "w") as fh:
-        json.dump(payload, fh, indent=1)
+        json.dump(data, fh, indent=1)
+
+
+def write_markdown(out: str, data: dict) -> None:
+    """demo.md (with the figures) and table.md (tables and reading only, for inclusion)."""
+    cfg, rows = data["settings"], data["rows"]
+    table = ["Test accuracy on the clean test set, mean ± std over seeds; \"vs SAM, paired\": "
+             "mean ± std of the per-seed difference in points (same split, noise, init and batch "
+             "order), with the number of seeds on which the algorithm is ahead. \"noise "
+             "memorised\": share of the flipped training labels the final model predicts.",
+             "", results_table(rows), "", "**Reading** (generated from the rows): " + reading(rows, cfg),
+             "", "rho sweep (validation split with noisy labels, sweep seeds "
+             f"{cfg['sweep_seeds']}):", "", sweep_table(data["sweep"]), ""]
+    head = [f"# lookahead_ext demo: noisy labels ({100 * cfg['noise']:g}% flipped)", "",
+            cfg["description"], ""]
+    figs = ["", "## Figures", ""] + [f"![{f[:-4]}]({f})" for f in FIGURES] + [""]
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write("\n".join(table))
+    with open(os.path.join(out, "demo.md"), "w") as fh:
+        fh.write("\n".join(head + table + figs))
