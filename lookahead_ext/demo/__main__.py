@@ -1,0 +1,4 @@
+"""Entry point of ``python -m lookahead_ext.demo``."""
+from .cli import main
+
+raise SystemExit(main())
