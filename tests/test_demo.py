@@ -155,3 +155,13 @@ def test_search_space():
     assert run.search_space("SGD", [0.1], [1, 2]) == [{}]
     assert run.search_space("SAM", [0.1, 0.5], [1, 2]) == [dict(rho=0.1), dict(rho=0.5)]
     assert run.search_space("CMLR", [0.1], [1, 2]) == [dict(rho=0.1, lam=0.1), dict(rho=0.1, lam=0.2)]
+
+
+def test_clean_labels_train_finite():
+    from lookahead_ext.demo.train import train
+    dev = data.dev_split(0, 0.0)
+    assert not dev.train.flipped.any() and torch.equal(dev.val.y, dev.val.y_true)
+    hp = dict(lr=0.05, momentum=0.9, wd=5e-4, adam_lr=2e-3, rho=0.5, lam=0.5)
+    r = train("CMLR", hp, dev, {"val": dev.val}, epochs=1, seed=0, hidden=8)
+    assert r["curves"]["memorised"] == [0.0] and math.isfinite(r["curves"]["val_acc"][0])
+    assert r["algorithm"] == "CMLR" and r["evals"] == 2 * r["steps"] + math.ceil(r["steps"] / 10)

@@ -14,11 +14,14 @@ def _plt():
     return plt
 
 
+# the other methods: colours far from the highlighted ones
+OTHERS = ("#2ca02c", "#9467bd", "#e377c2", "#17becf", "#ff7f0e", "#393b79", "#98df8a", "#c5b0d5",
+          "#9edae5", "#ffbb78", "#637939", "#f7b6d2")
+
+
 def _colors(labels) -> dict:
-    plt = _plt()
-    others = plt.get_cmap("tab20").colors
     rest = [x for x in labels if x not in HIGHLIGHT]
-    return {**{x: others[(2 * i + 4) % 20] for i, x in enumerate(rest)},
+    return {**{x: OTHERS[i % len(OTHERS)] for i, x in enumerate(rest)},
             **{x: c for x, c in HIGHLIGHT.items() if x in labels}}
 
 
