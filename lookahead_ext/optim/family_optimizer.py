@@ -11,7 +11,8 @@ from ..ops.plan_lists import PlanList
 from ._buckets import state_dtype
 from ._grad_mode import no_grad as _no_grad
 from .runtime import ProbeRuntime
-from .scheme import CENTRAL, MOMENTUM, PROBE_NAMES, Direction, Scheme, direction_of, scheme_of
+from .scheme import (CENTRAL, MOMENTUM, PROBE_NAMES, Direction, Scheme, direction_of,
+                     scheme_of)
 
 
 class ProbeOptimizer(ProbeRuntime):
@@ -240,17 +241,20 @@ class ProbeOptimizer(ProbeRuntime):
         if "g0" in self.scheme.probes and "g0" not in filled:  # anchor="g+": d = g+, v from g+ only
             filled["g0"], self._probe_sq["g0"] = filled["g+"], self._probe_sq["g+"]
 
-        carried = self.direction.carried
+        scheme, carried = self.scheme, self.direction.carried
         if carried:
             v_scalars = self._v_update(k, inv_v)
+            v_coefs_all = scheme.v_coefs(*v_scalars)
+            on_device = isinstance(v_scalars[0], Tensor)
             v_sq = self._v_sq_accumulator(buckets)
+        # per slot (g0, g+, g-): the probe's dense grads per bucket, if d uses that probe
+        g0, gp, gm = (filled[n] if n in scheme.probes else None for n in PROBE_NAMES)
         written_v: list = []  # the v tensors combine_step_ rewrites (see _v_norm_sq)
         for bi, b in enumerate(buckets):
             if not b.params:
                 continue
-            grads = tuple(filled[n][bi] if n in filled and n in self.scheme.probes else None
-                          for n in ("g0", "g+", "g-"))
-            coefs = self.scheme.coefs(b.group["rho"], self._lam(b.group))
+            grads = (g0 and g0[bi], gp and gp[bi], gm and gm[bi])
+            coefs = scheme.coefs(b.group["rho"], self._lam(b.group))
             if self._clip:  # max_grad_norm: each clipped probe's factor (see _clip_probe)
                 coefs = tuple(c * self._clip.get(n, 1.0) for c, n in zip(coefs, PROBE_NAMES))
             if not carried:  # a zero coefficient's gradient is not read (SAM's g0 is freed)
@@ -261,10 +265,9 @@ class ProbeOptimizer(ProbeRuntime):
                 written_v.extend(v)
                 if need_v_init:               # Algorithm 1, line 4: v_0 = g_0
                     torch._foreach_copy_(v, vdir[bi])
-                dev = v[0].device
-                v_coefs = self.scheme.v_coefs(*v_scalars)
-                if isinstance(v_scalars[0], Tensor):
-                    v_coefs = tuple(c.to(dev) for c in v_coefs)
+                v_coefs = v_coefs_all
+                if on_device:
+                    v_coefs = tuple(c.to(v[0].device) for c in v_coefs)
             self._base_step(b, grads, coefs, v, v_coefs, backend,
                             v_sq_out=v_sq if carried else None)
 

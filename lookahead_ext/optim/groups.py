@@ -116,10 +116,10 @@ def inv_norm(sq, eps: float):
 def state_buffer(p: Tensor, st: dict, name: str) -> Tensor:
     """``st[name]``, a persistent per-parameter tensor, created on first use as contiguous
     zeros in the state dtype (fp32 for bf16/fp16 parameters, else the parameter's)."""
-    buf = st.get(name)
-    if buf is None:
-        buf = st[name] = torch.zeros_like(p, dtype=state_dtype(p.dtype),
-                                          memory_format=torch.contiguous_format)
+    if name in st:
+        return st[name]
+    buf = st[name] = torch.zeros_like(p, dtype=state_dtype(p.dtype),
+                                      memory_format=torch.contiguous_format)
     return buf
 
 

@@ -278,7 +278,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     def _state_buffer(self, p: Tensor, name: str, st: Optional[dict] = None) -> Tensor:
         """A persistent per-parameter buffer in ``self.state[p]`` (saved by state_dict),
         zeros on first use (``st``: ``self.state[p]`` if the caller holds it)."""
-        return state_buffer(p, self.state[p] if st is None else st, name)
+        if st is None:
+            st = self.state[p]
+        return st[name] if name in st else state_buffer(p, st, name)  # the usual case inline
 
     # ------------------------------------------------------------------ one probe
     def _probe(self, buckets, index, name, direction=None, sign=0.0, inv_vnorm=None,
