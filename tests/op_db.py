@@ -327,6 +327,9 @@ def combine_samples(row, dtype, size):
     if size == row.full_size:
         for scheme in SCHEMES:
             for bname in BASES:
+                # bf16/fp16 change the loads and the store, not the fp32 step: 5 schemes x 6 bases
+                if dtype != torch.float32 and (scheme in ("forward_floats", "g0_only") or bname == "adamw_t5"):
+                    continue
                 yield _combine_sample(f"{scheme}-{bname}", size, dtype, dev, scheme, bname)
     for scheme, bname, variant in REDUCED:
         if "no_write_masters" in variant and dtype != torch.float32:
@@ -422,7 +425,7 @@ def nonfinite_samples(row, dtype, size):
         yield SampleInput("empty", ([[]],), ret="exact", expect=0.0)
         return
     full = size == row.full_size
-    for bad in (None, "nan", "inf", "-inf"):
+    for bad in (None, "nan", "inf", "-inf") if full else (None, "nan"):
         for where in (("mid", "last") if bad else ("none",)):
             a = make(size, dtype, dev, seed=1)
             b = make(size, torch.float32, dev, seed=2)
@@ -431,8 +434,6 @@ def nonfinite_samples(row, dtype, size):
                 continue
             yield SampleInput(f"bad={bad}_{where}", ([a, b],), ret="exact", expect=float(spoiled))
             yield SampleInput(f"bad={bad}_{where}_split", ([a[:3], a[3:]],), ret="exact", expect=float(spoiled))
-            if not full:
-                break
     for unscale in (False, True):
         inv = torch.tensor(1.0 / 1024.0, device=dev) if unscale else None
         a = make(size, dtype, dev, seed=6, scale=1024.0)

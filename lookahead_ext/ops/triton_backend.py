@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from .helpers import check_scale
 
 name = "triton"
 devices = ("cpu", "cuda")
@@ -130,6 +131,7 @@ def multi_dot(lists, pairs, per_tensor: bool = False):
 
 
 def perturb_(out, base, direction, scale, backup=None) -> None:
+    check_scale(scale)  # before the backup is written
     return _run("perturb_", (out,), (out, base, direction, scale, backup))
 
 
