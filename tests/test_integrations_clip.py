@@ -40,7 +40,7 @@ def run(cls, kw, steps=4, clip_in_closure=None, max_grad_norm=None, scaler=None)
     return model, opt, seen
 
 
-@pytest.mark.parametrize("cls,kw", FAMILY + [(la.CRSAM, {}), (la.GSAM, dict(k=2))],
+@pytest.mark.parametrize("cls,kw", FAMILY + [(la.CRSAM, {}), (la.GSAM, dict(period=2))],
                          ids=FAMILY_IDS + ["CRSAM", "GSAM"])
 def test_max_grad_norm_equals_clipping_every_probe(cls, kw):
     """The family's coefficient path (and the overriding baselines' in-place path) equal

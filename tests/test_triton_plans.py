@@ -15,7 +15,14 @@ import copy
 import pytest
 import torch
 
-from _triton_util import DEVICE, T, randn, requires_triton
+from test_triton_ops import _AVAIL, DEVICE, T
+
+requires_triton = pytest.mark.skipif(_AVAIL != "ok", reason=f"triton backend unavailable: {_AVAIL}")
+
+
+def randn(sizes, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=g) * scale).to(dtype).to(DEVICE) for n in sizes]
 from lookahead_ext.ops import reference as R
 from lookahead_ext.ops.plan_lists import PlanList, new_epoch
 
