@@ -52,12 +52,12 @@ def _train(opt_cls, **kw):
 
 
 PER_PROBE = {
-    ("optim/engine.py", "_probe", "tolist"),          # [NaN/Inf flag, ||g||^2] of each probe
-    ("optim/engine.py", "_finite_loss", "__bool__"),  # isfinite(loss) of each probe
+    ("optim/runtime.py", "_capture", "tolist"),          # [NaN/Inf flag, ||g||^2] of each probe
+    ("optim/runtime.py", "_finite_loss", "__bool__"),  # isfinite(loss) of each probe
 }
 # CPU only: ||v||^2 carried from the last combine_step_ (a 1-element tensor) becomes a host
-# float in _norm_inv (on CUDA it stays a device scalar)
-CARRIED_V = ("optim/engine.py", "_norm_inv", "__float__")
+# float in groups.inv_norm (on CUDA it stays a device scalar)
+CARRIED_V = ("optim/groups.py", "inv_norm", "__float__")
 
 
 @pytest.mark.parametrize("opt_cls,kw,carried", [(CMLR, dict(momentum=0.9, k=2), 2), (SAM, {}, 0)],
@@ -79,4 +79,4 @@ def test_no_loss_no_loss_read(host_reads):
     for _ in range(2):
         for probe in opt.probes():
             closure()
-    assert dict(host_reads) == {("optim/engine.py", "_probe", "tolist"): opt.num_evals}
+    assert dict(host_reads) == {("optim/runtime.py", "_capture", "tolist"): opt.num_evals}
