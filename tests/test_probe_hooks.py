@@ -133,7 +133,9 @@ def test_norm_reducer_scales_every_global_norm():
     for _ in range(2):
         o1.step(closure_for(m1, x, y))
         o2.step(closure_for(m2, x, y))
-    assert len(sqs) == 2
+    # per SAM step: ||g0|| for the direction, then each probe's gradient norm (g0, g+) for
+    # last_grad_norm / max_grad_norm (runtime._clip_probe)
+    assert len(sqs) == 6
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     h.remove()
