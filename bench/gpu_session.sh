@@ -84,9 +84,9 @@ case "$what" in
     bench) build && bench ;;
     all) build && run_tests "$@"; bench ;;
     emu) t0=$SECONDS; "$PY" scripts/build_cuda_emu.py > "$OUT/emu.log" 2>&1
-        "$PY" -m pytest tests/test_cuda_emu.py -q -p no:cacheprovider -rfE >> "$OUT/emu.log" 2>&1
+        "$PY" -m pytest tests -m cuda_emu -q -p no:cacheprovider -rfE >> "$OUT/emu.log" 2>&1
         echo "emu rc=$? in $((SECONDS - t0)) s"; tail -3 "$OUT/emu.log" ;;
-    triton) build; run_tests tests/test_triton_ops.py tests/test_triton_optim.py tests/test_triton_compile.py
+    triton) build; run_tests tests/test_op_conformance.py tests/test_optim_parity.py tests/test_triton_ops.py tests/test_triton_compile.py
         "$PY" bench/bench_triton.py --out "$OUT" > "$OUT/bench_triton.log" 2>&1; echo "bench_triton rc=$?"
         tail -40 "$OUT/bench_triton.log"
         timeout 200 "$PY" bench/bench_triton.py --cases 64M --dtypes fp32 --sweep --backends triton \

@@ -2,19 +2,20 @@
 (scripts/build_cuda_emu.py) and run on CPU tensors as torch.ops.lookahead_ext_emu
 (and lookahead_ext_emu_small, the small-chunk build). See docs/cuda-emulation.md.
 
-For a backend registry: NAME, available() -> (ok, reason), backend() -> an ops object with the
-reference signatures (lookahead_ext/ops/native.py's wrappers bound to the emulated ops)."""
+CUDA_EMU is the "cuda_emu" row of the test matrix (tests/conftest.py registers it; users never
+see it): a NativeBackend over the emulated namespace, present wherever HIP-CPU and TBB are, built
+and loaded on its first op call (once per process, both variants in parallel)."""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import sys
 import threading
-from types import ModuleType
 
 import pytest
 import torch
+
+from lookahead_ext.ops.native import NativeBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -25,11 +26,12 @@ except ImportError:  # an installed package without the source tree
     _build, WHY = None, "no source tree (scripts/build_cuda_emu.py)"
 
 NAME = "cuda_emu"
+SKIP_REASON = f"emulated CUDA build unavailable: {WHY}"
 # which builds the tests use (scripts/cuda_emu_mutations.py --variants small: one build per mutant)
 VARIANTS = tuple(os.environ.get("LOOKAHEAD_EXT_EMU_VARIANTS", "default,small").split(","))
-needs_emu = pytest.mark.skipif(WHY is not None, reason=f"emulated CUDA build unavailable: {WHY}")
+needs_emu = pytest.mark.skipif(WHY is not None, reason=SKIP_REASON)
 
-# UBSan (-fsanitize=alignment) reports go to files checked after each test (fixture ubsan_clean);
+# UBSan (-fsanitize=alignment) reports go to files checked after each test (conftest's fixture);
 # the runtime reads UBSAN_OPTIONS at its first report, after this import
 UBSAN_DIR = os.path.join(_build.build_dir() if _build else ROOT, "ubsan")
 os.environ.setdefault("UBSAN_OPTIONS", f"print_stacktrace=1:log_path={os.path.join(UBSAN_DIR, 'report')}")
@@ -42,8 +44,11 @@ _error: list[str] = []
 def ops(variant: str = VARIANTS[0]):
     """torch.ops namespace of a variant, built (both variants, in parallel) and loaded on first
     use in this process; pytest.fail with the compiler output when the build fails."""
+    if WHY is not None:
+        pytest.skip(SKIP_REASON)
     with _lock:
         if not _built and not _error:
+            clear_ubsan()
             try:
                 paths = _build.build(VARIANTS, log=lambda m: print(m, file=sys.stderr))
                 for v, path in paths.items():
@@ -63,44 +68,35 @@ def config(variant: str = VARIANTS[0]) -> dict[str, int]:
     return dict(zip(keys, vals))
 
 
-def available() -> tuple[bool, str]:
-    """(True, "ok") when the emulated ops can be built and loaded here, else (False, why)."""
-    if WHY is not None:
-        return False, WHY
-    try:
-        ops()
-    except BaseException as exc:  # pytest.fail's Failed is a BaseException
-        return False, f"build failed: {str(exc)[:500]}"
-    return True, "ok"
+class EmuBackend(NativeBackend):
+    """The csrc/ ops of one emulated variant on CPU tensors. Present wherever the build can run
+    (so collecting the matrix builds nothing); the build happens at the first op call."""
+
+    def __init__(self, variant: str):
+        super().__init__(NAME if variant == "default" else f"{NAME}_{variant}",
+                         _build.VARIANTS[variant][0] if _build else f"lookahead_ext_emu_{variant}", {"cpu": ()})
+        self.variant = variant
+
+    def available(self, device_type: str) -> tuple[bool, str]:
+        if device_type != "cpu":
+            return False, f"{self.name} has no {device_type} kernels"
+        return (False, SKIP_REASON) if WHY is not None else (True, "ok")
+
+    def _lib(self):
+        lib = ops(self.variant)
+        self.register_fakes()
+        return lib
 
 
-def backend(variant: str = VARIANTS[0]) -> ModuleType:
-    """An ops object with the reference signatures: a fresh copy of lookahead_ext.ops.native
-    whose raw ops are the emulated ones; available()/supports() say CPU tensors of fp32/bf16/fp16."""
-    from lookahead_ext.ops import native
-    name = f"lookahead_ext.ops._native_{NAME}_{variant}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, native.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "lookahead_ext.ops"
-    spec.loader.exec_module(mod)
-    ns = ops(variant)
-    mod._ops = lambda: ns
-    mod.available = lambda name=NAME: available()
-    mod.supports = lambda name, device, dtype: torch.device(device).type == "cpu" and dtype in native._SUPPORTED
-    sys.modules[name] = mod
-    return mod
+CUDA_EMU = EmuBackend("default")
+_BACKENDS = {"default": CUDA_EMU}
 
 
-def route_native(monkeypatch, variant: str = VARIANTS[0]) -> None:
-    """Make lookahead_ext.ops.native (backend "cpp") call the emulated ops for this test: the
-    native op tests and every optimizer with backend="cpp" then run the CUDA kernels."""
-    from lookahead_ext import ops as la_ops
-    from lookahead_ext.ops import native
-    ns = ops(variant)
-    monkeypatch.setattr(native, "_ops", lambda: ns)
-    la_ops.clear_dispatch_cache()
+def backend(variant: str = VARIANTS[0]) -> EmuBackend:
+    """The ops (reference signatures) of one variant's emulated build."""
+    if variant not in _BACKENDS:
+        _BACKENDS[variant] = EmuBackend(variant)
+    return _BACKENDS[variant]
 
 
 def ubsan_reports() -> list[str]:

@@ -1,5 +1,6 @@
 """Test configuration: the Triton interpreter on machines without a GPU, the markers, the `backend`
-parameter (one row per backend present here, see op_db.present_rows) and model/batch/closure fixtures.
+parameter (one row per backend present here, see op_db.present_rows, plus the emulated CUDA build's
+row, marked cuda_emu) and model/batch/closure fixtures.
 
 TRITON_INTERPRET must be set before any kernel is defined, hence here, at collection start."""
 import os
@@ -16,6 +17,35 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
 
 
+# the emulated CUDA build (tests/_cuda_emu.py) is one more row of the matrix, for the tests only
+import _cuda_emu  # noqa: E402
+from lookahead_ext import ops as _ops  # noqa: E402
+
+_ops.register_backend(_cuda_emu.NAME, "_cuda_emu:CUDA_EMU")
+
+
+def _row_param(row):
+    """A row as a pytest parameter: the emulated row is marked cuda_emu (skipped where it cannot build)."""
+    if row.backend != _cuda_emu.NAME:
+        return []
+    marks = [pytest.mark.cuda_emu]
+    if _cuda_emu.WHY is not None:
+        marks.append(pytest.mark.skip(reason=_cuda_emu.SKIP_REASON))
+    return marks
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emu_ubsan(request):
+    """A cuda_emu test may leave no UBSan report (a misaligned vector access in the kernels)."""
+    if request.node.get_closest_marker("cuda_emu") is None or _cuda_emu.WHY is not None:
+        yield
+        return
+    before = len(_cuda_emu.ubsan_reports())
+    yield
+    reports = _cuda_emu.ubsan_reports()
+    assert len(reports) == before, "UBSan report(s):\n" + "\n".join(reports)[-4000:]
+
+
 def pytest_generate_tests(metafunc):
     """`backend` (an op_db.Row): one row per backend and device type present on this machine; with
     a `size` argument too, the row's own sizes (the Triton interpreter runs small ones)."""
@@ -25,13 +55,15 @@ def pytest_generate_tests(metafunc):
         names = mark.args[0].split(",") if isinstance(mark.args[0], str) else mark.args[0]
         if "backend" in [n.strip() for n in names]:
             return  # the test chose its own backends
-    from op_db import present_rows
+    from op_db import ROWS, present_rows
     rows = present_rows()
+    if _cuda_emu.WHY is not None:  # shown as skipped, with the reason, rather than absent
+        rows.append(ROWS[(_cuda_emu.NAME, "cpu")])
     if "size" in metafunc.fixturenames:
-        cases = [(r, s) for r in rows for s in r.sizes]
-        metafunc.parametrize("backend,size", cases, ids=[f"{r.id}-{s}" for r, s in cases])
+        cases = [pytest.param(r, s, marks=_row_param(r), id=f"{r.id}-{s}") for r in rows for s in r.sizes]
+        metafunc.parametrize("backend,size", cases)
     else:
-        metafunc.parametrize("backend", rows, ids=[r.id for r in rows])
+        metafunc.parametrize("backend", [pytest.param(r, marks=_row_param(r), id=r.id) for r in rows])
 
 
 # ----------------------------------------------------------------------------- model / batch / closure

@@ -111,6 +111,11 @@ ROWS = {
                            fp32_backup=True, mixed_dot=True),
     ("triton", "cuda"): Row("triton", "cuda", _SMALL + ("gpu_large", "gpu_many"), "triton", True, optim_steps=7,
                             fp32_backup=True, mixed_dot=True),
+    # the CUDA kernels on the CPU through HIP-CPU (tests/_cuda_emu.py), the native tolerances (the
+    # same la_math.h): every variant at small sizes (fibers are slow), edge_mixed crosses its 64K
+    # chunks; fewer optimizer steps
+    ("cuda_emu", "cpu"): Row("cuda_emu", "cpu", ("mixed", "edge_mixed", "one", "views", "special"), "native", False,
+                             optim_steps=10),
 }
 # a backend without an entry (e.g. one registered by another module) gets the small sizes
 DEFAULT_ROW = dict(sizes=_SMALL, tol="native", bitwise_self=False)

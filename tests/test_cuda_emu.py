@@ -1,73 +1,36 @@
-"""The CUDA kernels (csrc/ops_cuda.cu, multi_tensor.cuh) executed on the CPU through HIP-CPU,
-against the reference: the native op and optimizer conformance tests re-run on the emulated
-ops, plus stress cases for launch splitting, chunk tables, alignment and reductions in the real
-build and in a small-chunk build (docs/cuda-emulation.md)."""
-import inspect
-
+"""Stress cases of the CUDA kernels (csrc/ops_cuda.cu, multi_tensor.cuh) executed on the CPU
+through HIP-CPU, against the reference: launch splitting, chunk tables, alignment, sentinel gaps
+and reductions in the real build and in a small-chunk build (docs/cuda-emulation.md). The op
+conformance matrix and the optimizer parity tests run on the emulated build as their "cuda_emu"
+row (tests/conftest.py); this file holds what the matrix does not cover."""
 import pytest
 import torch
 
-import test_native_ops
-import test_native_optim
-from lookahead_ext.ops import native, reference
+from lookahead_ext.ops import reference
 from lookahead_ext.ops.base_step import BaseStep
 
 import _cuda_emu as emu
-from _native_util import PARAM_TOL, STATE_TOL, assert_lists_close
+from _compare import EXACT, assert_lists_close as _assert_lists_close
+from op_db import tol
 
 pytestmark = [pytest.mark.cuda_emu, emu.needs_emu]
-
-emu.clear_ubsan()
-
-
-@pytest.fixture(autouse=True)
-def ubsan_clean():
-    """No test may leave a UBSan report (a misaligned vector access in the kernels)."""
-    before = len(emu.ubsan_reports())
-    yield
-    reports = emu.ubsan_reports()
-    assert len(reports) == before, "UBSan report(s):\n" + "\n".join(reports)[-4000:]
+STATE_TOL = tol("native", "state", torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def on_emu(monkeypatch):
-    """lookahead_ext.ops.native (backend "cpp") runs the emulated CUDA kernels in every test here."""
-    emu.route_native(monkeypatch)
+def param_tol(dtype):
+    return tol("native", "param", dtype)
 
 
-# ----------------------------------------------------------------------------- the native matrix
-# Every test of test_native_ops / test_native_optim parametrized by (device, backend), plus the
-# hand-checked and wrapper tests that go through lookahead_ext.ops.native, re-run with native's
-# raw ops routed to the emulated ones (fixture on_emu; the "cuda" parameter stays skipped). Tests that
-# call torch.ops.lookahead_ext directly or are about the CPU kernels' threads/ISA are left out.
-_CPU_ONLY = ("cpu_isa", "across_threads", "nt_stores", "dispatch_cache", "opcheck", "auto_picks",
-             "both_cpu_isas")
+def assert_lists_close(actual, expected, t):
+    _assert_lists_close(actual, expected, t, "emulated vs reference")
 
 
-def _native_matrix():
-    found = {}
-    for mod in (test_native_ops, test_native_optim):
-        for name, fn in vars(mod).items():
-            if not (name.startswith("test_") and callable(fn)) or any(k in name for k in _CPU_ONLY):
-                continue
-            src = inspect.getsource(fn)
-            if "torch.ops.lookahead_ext" in src or "native." not in src and "backend" not in src:
-                continue
-            found[name] = fn
-    return found
-
-
-_MATRIX = _native_matrix()
-for _name, _fn in _MATRIX.items():  # the same function objects (their marks untouched), collected here too
-    globals()["test_emu_" + _name[len("test_"):]] = _fn
-
-
-def test_native_matrix_was_found():
-    """Guards the re-export above: the native op and optimizer tests are all here."""
-    for want in ("test_multi_dot", "test_perturb", "test_combine_step", "test_lookahead_sync", "test_nonfinite",
-                 "test_nonfinite_sq_norms", "test_combine_v_sq_out", "test_twenty_steps_match_reference",
-                 "test_skipped_step_leaves_state_bit_identical"):
-        assert want in _MATRIX, f"{want} not found in test_native_ops / test_native_optim"
+def test_matrix_has_the_emulated_row():
+    """Guards the registration in conftest: the op matrix and optimizer parity run on the
+    emulated build, and an optimizer asked for backend="cuda_emu" gets its ops."""
+    from lookahead_ext import ops
+    assert (emu.NAME, "cpu") in ops.backend_rows()
+    assert ops.resolve(emu.NAME, torch.device("cpu"), torch.bfloat16) is emu.CUDA_EMU
 
 
 # ----------------------------------------------------------------------------- stress helpers
@@ -172,11 +135,11 @@ def test_one_tensor_over_max_blocks_small_build():
     d = _rand(sizes, torch.float32, 7)
     b.perturb_(x.views, x.views, d, 0.5)
     reference.perturb_(want, want, d, 0.5)
-    assert_lists_close(x.views, want, **PARAM_TOL[torch.float32])
+    assert_lists_close(x.views, want, param_tol(torch.float32))
     x.assert_gaps_untouched()
     flag = b.nonfinite_([x.views], torch.tensor(0.5), sq_norms=True)
     want_flag = reference.nonfinite_([want], torch.tensor(0.5), sq_norms=True)
-    assert_lists_close(x.views, want, rtol=0, atol=0)
+    assert_lists_close(x.views, want, EXACT)
     torch.testing.assert_close(flag, want_flag, rtol=2e-5, atol=1e-5)
 
 
@@ -197,7 +160,7 @@ def test_perturb_every_dtype_triple(variant, ot, bt, dt):
     scale = torch.tensor(-0.37)
     b.perturb_(out.views, base.views, direction, scale)
     reference.perturb_(want, base.views, direction, scale)
-    assert_lists_close(out.views, want, **PARAM_TOL[DTYPES[ot]])
+    assert_lists_close(out.views, want, param_tol(DTYPES[ot]))
     out.assert_gaps_untouched()
     base.assert_gaps_untouched()
 
@@ -218,8 +181,8 @@ def test_perturb_in_place_with_backup_tables_and_offsets(variant, count, off):
     b.perturb_(x.views, x.views, d, 0.61, backup=bk.views)
     want = _clone(orig)
     reference.perturb_(want, want, d, 0.61)
-    assert_lists_close(x.views, want, **PARAM_TOL[torch.bfloat16])
-    assert_lists_close(bk.views, orig, rtol=0, atol=0)
+    assert_lists_close(x.views, want, param_tol(torch.bfloat16))
+    assert_lists_close(bk.views, orig, EXACT)
     x.assert_gaps_untouched()
     bk.assert_gaps_untouched()
 
@@ -250,14 +213,14 @@ def _combine(b, sizes, pt, gt, base, off, with_v=True, seed=0):
     b.combine_step_(params.views, masters.views, (g0, gp, gm), coefs, base, {k: s.views for k, s in state.items()},
                     v.views if with_v else None, vc, vsq_a)
     reference.combine_step_(ref[0], ref[1], (g0, gp, gm), coefs, base, ref[2], ref[3], vc, vsq_b)
-    assert_lists_close(masters.views, ref[1], **STATE_TOL)
-    assert_lists_close(params.views, ref[0], **PARAM_TOL[pt])
+    assert_lists_close(masters.views, ref[1], STATE_TOL)
+    assert_lists_close(params.views, ref[0], param_tol(pt))
     for k, s in state.items():
-        assert_lists_close(s.views, ref[2][k], **STATE_TOL)
+        assert_lists_close(s.views, ref[2][k], STATE_TOL)
     for x in [masters, params, *state.values()] + ([v] if with_v else []):
         x.assert_gaps_untouched()
     if with_v:
-        assert_lists_close(v.views, ref[3], **STATE_TOL)
+        assert_lists_close(v.views, ref[3], STATE_TOL)
         torch.testing.assert_close(vsq_a, vsq_b, rtol=2e-5, atol=1e-6)
 
 
@@ -297,9 +260,9 @@ def test_lookahead_sync_tables_and_offsets(variant, ft, count, off):
     ref = [_clone(slow.views), _clone(fast.views), _clone(params.views)]
     emu.backend(variant).lookahead_sync_(slow.views, fast.views, 0.3, params.views)
     reference.lookahead_sync_(ref[0], ref[1], 0.3, ref[2])
-    assert_lists_close(slow.views, ref[0], **STATE_TOL)
-    assert_lists_close(fast.views, ref[1], **PARAM_TOL[DTYPES[ft]])
-    assert_lists_close(params.views, ref[2], **PARAM_TOL[torch.float16])
+    assert_lists_close(slow.views, ref[0], STATE_TOL)
+    assert_lists_close(fast.views, ref[1], param_tol(DTYPES[ft]))
+    assert_lists_close(params.views, ref[2], param_tol(torch.float16))
     for x in (slow, fast, params):
         x.assert_gaps_untouched()
 
@@ -360,7 +323,7 @@ def test_nonfinite_unscale_sq_norms_mixed_lists(variant, off):
     got = emu.backend(variant).nonfinite_(lists, inv, sq_norms=True)
     ref = reference.nonfinite_(want, inv, sq_norms=True)
     for g, w in zip(lists, want):
-        assert_lists_close(g, w, rtol=0, atol=0)
+        assert_lists_close(g, w, EXACT)
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-5)
     for x in (*la, lb):
         x.assert_gaps_untouched()
