@@ -183,9 +183,20 @@ class _OpRecorder:
         op = getattr(self.real, name)
 
         def call(*args, **kwargs):
-            self.calls.append((op, args, kwargs))
+            # the lists as they are now: the engine may empty a list after its last use
+            # (SAM frees g0's direction once g+'s point is written)
+            self.calls.append((op, _snapshot(args), {k: _snapshot(v) for k, v in kwargs.items()}))
             return op(*args, **kwargs)
         return call
+
+
+def _snapshot(x):
+    """Copies of the (nested) lists and tuples of an op call's arguments; tensors as they are."""
+    if isinstance(x, tuple):
+        return tuple(_snapshot(y) for y in x)
+    if isinstance(x, list):
+        return [_snapshot(y) for y in x]
+    return x
 
 
 def fused_ops_only(step):
