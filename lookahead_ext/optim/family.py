@@ -109,9 +109,9 @@ class MLSAM(FMLR):
         params: parameters or param-group dicts.
         lr: base-step learning rate. Default: 1e-3.
         rho: perturbation radius (lambda follows it). Default: 0.05.
-        base, momentum, dampening, nesterov, weight_decay, betas, eps, k, alpha,
-        beta_start, beta_end, gamma, init_v, norm_eps, backend, reset_base_state,
-        track_cosine: as for FMLR. ``lam`` is not accepted.
+        **kw: base, momentum, dampening, nesterov, weight_decay, betas, eps, k, alpha,
+            beta_start, beta_end, gamma, init_v, norm_eps, backend, reset_base_state,
+            track_cosine: as for FMLR. ``lam`` is not accepted.
     """
 
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.05, **kw):
@@ -159,8 +159,7 @@ class LR(ProbeOptimizer):
         lam: weight lambda of the finite difference in eq. 6. Default: 0.1.
         k: inner steps K per cycle. Default: 10.
         alpha: slow-weight step alpha. Default: 0.9.
-        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps, norm_eps,
-            backend, reset_base_state, track_cosine: as for CMLR.
+        lr, base, momentum, dampening, nesterov, weight_decay, betas, eps, norm_eps, backend, reset_base_state, track_cosine: as for CMLR.
         beta_start, beta_end, gamma, init_v: accepted, unused (no carried v).
     """
 
@@ -183,7 +182,7 @@ class FR(ProbeOptimizer):
         rho, lam: radius and regularisation strength. Defaults: 0.05, 0.1.
         norm_eps, backend, track_cosine: as for CMLR.
         beta_start, beta_end, gamma, init_v, reset_base_state: accepted, unused.
-        ``k`` and ``alpha`` are not accepted (no Lookahead cycle).
+        k, alpha: not accepted (no Lookahead cycle).
     """
 
     scheme, direction, lookahead = FORWARD, GRAD, False
@@ -209,8 +208,8 @@ class SAM(FR):
         params: parameters or param-group dicts.
         lr: base-step learning rate. Default: 1e-3.
         rho: perturbation radius. Default: 0.05.
-        base, momentum, dampening, nesterov, weight_decay, betas, eps, norm_eps, backend,
-        track_cosine: as for FR. ``lam``, ``k`` and ``alpha`` are not accepted.
+        **kw: base, momentum, dampening, nesterov, weight_decay, betas, eps, norm_eps,
+            backend, track_cosine: as for FR. ``lam``, ``k`` and ``alpha`` are not accepted.
     """
 
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.05, **kw):
@@ -243,7 +242,7 @@ class CR(FR):
         gamma: weight of g+ in v. Default: 0.5.
         norm_eps, backend, track_cosine: as for CMLR.
         beta_start, beta_end, init_v, reset_base_state: accepted, unused.
-        ``k`` and ``alpha`` are not accepted (no Lookahead cycle).
+        k, alpha: not accepted (no Lookahead cycle).
     """
 
     scheme, direction, lookahead = CENTRAL, LAGGED, False

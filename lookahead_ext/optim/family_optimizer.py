@@ -108,6 +108,7 @@ class ProbeOptimizer(ProbeRuntime):
                         beta_schedule=beta_schedule, total_steps=total_steps,
                         max_grad_norm=max_grad_norm)
         if base == SGD:  # torch's OneCycleLR/CyclicLR cycle "betas", not "momentum", if present
+            self._validate(defaults)  # betas too (a bad one is an error even if unused)
             del defaults["betas"]
         self._v_sq: Optional[tuple] = None  # (||v||^2, [(v tensor, version)]): see _v_norm_sq
         super().__init__(params, defaults, track_cosine=track_cosine)
