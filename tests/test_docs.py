@@ -20,8 +20,25 @@ def _python_blocks():
             yield pytest.param(page, line, m.group(1), id=f"{page}:{line}")
 
 
+@pytest.fixture
+def backend_registry():
+    """The backend registry is process-wide (the tests' own rows live in it): a block must leave
+    it as it found it, and is undone either way so that one bad page cannot break later tests."""
+    from lookahead_ext import ops
+    from lookahead_ext.ops import backend as registry
+    saved = dict(registry.REGISTRY)
+    yield
+    changed = dict(registry.REGISTRY) != saved
+    if changed:
+        for name in list(registry.REGISTRY):
+            ops.unregister_backend(name)
+        for name, e in saved.items():  # in the saved order: it is the order of the test rows
+            ops.register_backend(name, e.target, alias_of=e.alias_of, devices=e.devices)
+    assert not changed, "the block changed the backend registry (a doc example must undo its changes)"
+
+
 @pytest.mark.parametrize("page,line,code", list(_python_blocks()))
-def test_python_block_runs(page, line, code, tmp_path, monkeypatch):
+def test_python_block_runs(page, line, code, tmp_path, monkeypatch, backend_registry):
     """Each block standalone (its own namespace, a scratch working directory), on CPU.
 
     Snippets that cannot run here belong in another fence (```text, ```bash).
