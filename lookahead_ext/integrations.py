@@ -19,6 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import amp
+from .optim.runtime import LIGHTNING_ACCUMULATION
 
 __all__ = ["DeferredStep", "ProbeTrainerMixin", "needs_closure", "check_lightning",
            "ProbeMixedPrecision", "ProbeLightningCallback"]
@@ -247,19 +248,13 @@ class ProbeTrainerMixin:
 
 
 # -- PyTorch Lightning ----------------------------------------------------------------------
-_ACCUM_MSG = ("{name} with accumulate_grad_batches={n} in automatic optimization would "
-              "silently drop the earlier batches' gradients (each probe re-evaluates the "
-              "gradient at a new point and can only run the current batch). Use "
-              "accumulate_grad_batches=1 and accumulate inside training_step (loop over "
-              "micro-batches, calling self.manual_backward per micro-batch in manual "
-              "optimization), or a larger batch.")
-
-
 def check_lightning(trainer, pl_module) -> None:
     """Refuse, with a clear error, Lightning set-ups that would train a probe optimizer
     wrong: automatic optimization with ``accumulate_grad_batches > 1``, and Lightning's
     own fp16 ``MixedPrecision`` plugin (it calls the closure once, then
-    ``scaler.step(opt)`` without it)."""
+    ``scaler.step(opt)`` without it). Without this check the first would fail at the
+    first optimizer step (the optimizer finds the earlier batches' gradients and
+    Lightning's closure) and the second at the first step too (no closure)."""
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     for opt in trainer.optimizers:
@@ -268,7 +263,7 @@ def check_lightning(trainer, pl_module) -> None:
         name = type(opt).__name__
         n = trainer.accumulate_grad_batches
         if pl_module.automatic_optimization and n != 1:
-            raise ValueError(_ACCUM_MSG.format(name=name, n=n))
+            raise ValueError(LIGHTNING_ACCUMULATION.format(name=name))
         plugin = trainer.precision_plugin
         if (isinstance(plugin, MixedPrecision) and plugin.scaler is not None
                 and not isinstance(plugin, __getattr__("ProbeMixedPrecision"))):

@@ -1,6 +1,7 @@
 """Optimizer-level max_grad_norm and last_grad_norm, against torch.nn.utils.clip_grad_norm_
 applied inside the closure (which clips every probe), and the schedulers' momentum cycling."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -122,3 +123,30 @@ def test_cyclic_schedulers_cycle_the_base_momentum(sched, base):
     assert len(set(seen)) > 1 and seen[-1] < seen[0]  # momentum falls while lr rises
     if base == "sgd":
         assert "betas" not in opt.param_groups[0]
+
+
+def test_gradients_from_outside_the_step_are_discarded_with_a_warning():
+    """The torch habit backward-clip-step: the step evaluates its own gradients, so the
+    clipped ones are discarded; that is said (once per optimizer), and the step equals
+    one taken from zeroed gradients."""
+    x, y = data()
+    runs = []
+    for outside in (False, True):
+        model = mlp()
+        opt = la.CMLR(model.parameters(), lr=0.1, k=2)
+
+        def closure():
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                if outside:
+                    closure()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+                opt.step(closure)
+        msgs = [str(w.message) for w in seen if "already hold gradients" in str(w.message)]
+        assert len(msgs) == (1 if outside else 0)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -99,9 +99,16 @@ def test_gradient_clip_val_clips_every_probe():
     assert any(not torch.allclose(p, q) for p, q in zip(unclipped.parameters(), ref.parameters()))
 
 
-def test_accumulation_refused_with_clear_error():
-    with pytest.raises(ValueError, match="accumulate_grad_batches=2 in automatic optimization"):
-        fit(Auto(), accumulate_grad_batches=2, callbacks=[ProbeLightningCallback()])
+@pytest.mark.parametrize("callback", [True, False], ids=["callback", "no_callback"])
+def test_accumulation_refused_with_clear_error(callback):
+    """With the callback: at fit start. Without it: the optimizer refuses at the first
+    optimizer step (it finds the earlier batch's gradients and Lightning's closure),
+    before changing anything."""
+    module = Auto()
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match="accumulate_grad_batches > 1 in automatic optimization"):
+        fit(module, accumulate_grad_batches=2, callbacks=[ProbeLightningCallback()] if callback else [])
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
 def test_lightning_fp16_plugin_refused_with_clear_error():

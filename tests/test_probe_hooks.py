@@ -133,13 +133,28 @@ def test_norm_reducer_scales_every_global_norm():
     for _ in range(2):
         o1.step(closure_for(m1, x, y))
         o2.step(closure_for(m2, x, y))
-    # per SAM step: ||g0|| for the direction, then each probe's gradient norm (g0, g+) for
-    # last_grad_norm / max_grad_norm (runtime._clip_probe)
-    assert len(sqs) == 6
+    # one reduction per global norm (one collective under FSDP2): each probe's gradient
+    # norm (g0, g+) in runtime._clip_probe, g0's reused for the direction
+    assert len(sqs) == 4
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     h.remove()
     assert not o1._norm_reducers
+
+
+@pytest.mark.parametrize("cls,kw,extra", [(la.CMLR, dict(k=2), 2), (la.FMLR, dict(k=2), 2), (la.LookbehindSAM, {}, 0),
+                                          (la.CRSAM, {}, 0)], ids=["CMLR", "FMLR", "LookbehindSAM", "CRSAM"])
+def test_norm_reducer_runs_once_per_global_norm(cls, kw, extra):
+    """Once per probe, plus once per norm that no probe's check gives (CMLR, FMLR: the
+    carried v at steps 2 and 4 of a K=2 cycle)."""
+    x, y = data()
+    m = mlp()
+    opt = cls(m.parameters(), lr=0.1, **kw)
+    calls = []
+    opt.register_norm_reducer(lambda o, sq: calls.append(1) or sq)
+    for _ in range(4):
+        opt.step(closure_for(m, x, y))
+    assert len(calls) == opt.num_evals + extra
 
 
 def test_grad_unscaler_unscales_in_the_fused_check_one_at_a_time():

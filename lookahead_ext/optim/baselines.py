@@ -125,7 +125,7 @@ class LookbehindSAM(ProbeOptimizer):
             off = self._offsets(buckets, ascent)
         ga = yield from self._probe(buckets, 0, "g0", off, +1.0, 1.0)
         with _no_grad():
-            inv = self._norm_inv(self._probe_sq["g0"])
+            inv = self._probe_inv("g0")
             for a, b, g in zip(ascent, buckets, self._dense(buckets, ga)):
                 if a:
                     _axpy_(a, g, inv * b.group["rho"])
@@ -233,15 +233,14 @@ class GSAM(ProbeOptimizer):
                 for v, g in zip(gh, self._dense(buckets, probes["g0"])):
                     if v:
                         torch._foreach_copy_(v, g)
-                sq = self._probe_sq["g0"]
+                inv = self._probe_inv("g0")
             else:
-                sq = self._v_norm_sq(gh)
-            inv = self._norm_inv(sq)
+                inv = self._norm_inv(self._v_norm_sq(gh))
         probes["g+"] = yield from self._probe(buckets, idx, "g+", gh, +1.0, inv)
         with _no_grad():
             kept, filled = self._gather(buckets, probes)
             beta = self._glob("beta")
-            a_s = (1.0 - beta) * self._norm_inv(self._probe_sq["g+"])
+            a_s = (1.0 - beta) * self._probe_inv("g+")
             bv, zero = _device_coefs(a_s, beta, 0.0)
             v_sq, written, backend = self._v_sq_accumulator(kept), [], self._backend()
             for b, g in zip(kept, filled["g+"]):
@@ -306,7 +305,7 @@ class CRSAM(ProbeOptimizer):
         g0 = yield from self._probe(buckets, 0, "g0")
         with _no_grad():
             direction = self._dense(buckets, g0)
-            inv = self._norm_inv(self._probe_sq["g0"])
+            inv = self._probe_inv("g0")
         gp = yield from self._probe(buckets, 1, "g+", direction, +1.0, inv)
         gm = yield from self._probe(buckets, 2, "g-", direction, -1.0, inv)
         with _no_grad():

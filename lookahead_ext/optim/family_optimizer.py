@@ -177,11 +177,10 @@ class ProbeOptimizer(ProbeRuntime):
         with _no_grad():
             if fresh:
                 vdir = self._dense(buckets, probes["g0"])
-                sq_v = self._probe_sq["g0"]  # from g0's fused check (zero-filled grads add 0)
+                inv_v = self._probe_inv("g0")  # from g0's fused check (zero-filled grads add 0)
             else:
                 vdir = [PlanList([self._v(p) for p in b.params]) for b in buckets]
-                sq_v = self._v_norm_sq(vdir)
-            inv_v = self._norm_inv(sq_v)
+                inv_v = self._norm_inv(self._v_norm_sq(vdir))
         # SAM-type steps (d = g+ exactly, no momentum): g0 only gives the direction. Keep
         # which parameters had a gradient and free its tensors before g+'s backward.
         g0_dead = (fresh and not carried and self.scheme.probes == ("g0", "g+")
@@ -218,8 +217,8 @@ class ProbeOptimizer(ProbeRuntime):
         """The scalars of the v update (eq. 115): (bv, a_first, a_other, zero), from the
         global norms of the scheme's two v terms (from the probes' fused checks)."""
         first, other = self.scheme.v_terms
-        inv_first = self._norm_inv(self._probe_sq[first])
-        inv_other = self._norm_inv(self._probe_sq[other])
+        inv_first = self._probe_inv(first)
+        inv_other = self._probe_inv(other)
         beta, gamma = self.beta_k(k), self._glob("gamma")
         a_first = (1.0 - beta) * gamma * inv_first
         a_other = (1.0 - beta) * (1.0 - gamma) * inv_other
@@ -274,9 +273,7 @@ class ProbeOptimizer(ProbeRuntime):
 
         # hand the last probe's gradient back in .grad, as after a normal backward()
         last = list(probes)[-1]
-        for bi, b in enumerate(buckets):
-            for p, gr in zip(b.params, filled[last][bi]):
-                p.grad = gr if gr.dtype == p.dtype else gr.to(p.dtype)
+        self._hand_back([(b.params, filled[last][bi]) for bi, b in enumerate(buckets)])
         if carried:
             self._engine["v_ready"] = True
             if v_sq is not None:  # every v was rewritten by this step: ||v||^2 for the next

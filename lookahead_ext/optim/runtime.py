@@ -49,6 +49,14 @@ class _Skip(Exception):
     pass
 
 
+LIGHTNING_ACCUMULATION = (
+    "{name} with Lightning's accumulate_grad_batches > 1 in automatic optimization would "
+    "silently drop the earlier batches' gradients (each probe re-evaluates the gradient at a "
+    "new point and Lightning's closure can only run the current batch). Use "
+    "accumulate_grad_batches=1 and accumulate inside training_step (loop over micro-batches, "
+    "calling self.manual_backward per micro-batch in manual optimization), or a larger batch.")
+
+
 def _finite_loss(loss) -> bool:
     if isinstance(loss, Tensor):
         return bool(torch.isfinite(loss.detach()).all())
@@ -102,6 +110,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self.track_cosine = bool(track_cosine)
         self.cosine_history: list[float] = []
         self._dirs: Optional[list] = None
+        self._closure_kind: Optional[str] = None  # top-level module of step()'s closure
+        self._warned_outside = False  # see _outside_gradients
+        self._handed_back: dict = {}  # see _hand_back
         if self.lookahead:
             init_slow(trainable(self.param_groups), self._slow)
 
@@ -157,12 +168,14 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 "returns the loss), or drive the step call by call: "
                 "`for probe in opt.probes(): loss = compute(); loss.backward(); probe.loss = loss`.")
         gen = self._update()  # torch's step wrapper runs the step hooks around this call
+        self._closure_kind = type(closure).__module__.partition(".")[0]
         try:
             for probe in gen:
                 with torch.enable_grad():
                     probe.loss = closure()
         finally:
             gen.close()
+            self._closure_kind = None
         return self.last_loss
 
     def probes(self) -> Iterator[Probe]:
@@ -183,6 +196,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self.last_loss = None
         self._missing = False  # set by _probe: some parameter had no gradient in some probe
         self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients
+        # (through the norm reducers: _probe_inv, not _norm_inv, turns one into 1/||g||)
         self._clip, self._grad_norms = {}, []  # set by _probe: see _clip_probe
         self._dirs = [] if self.track_cosine else None
         buckets = self._step_buckets()
@@ -264,6 +278,11 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                                    if isinstance(sq, float) else sq)
         return inv_norm(sq, self._glob("norm_eps"))
 
+    def _probe_inv(self, name: str):
+        """1 / (||g|| + norm_eps) of probe ``name``'s gradient: its global squared norm from
+        the probe's fused check, already through the norm reducers (see _clip_probe)."""
+        return inv_norm(self._probe_sq[name], self._glob("norm_eps"))
+
     def _global_sq(self, lists_per_bucket, pairs) -> Tensor:
         """groups.global_sq with this optimizer's backend."""
         return global_sq(lists_per_bucket, pairs, self._backend())
@@ -292,6 +311,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         caller's last use of ``direction``: its per-bucket lists are emptied once the probe
         point is written, before the probe's backward."""
         backend = self._backend()
+        if not self._probe_sq and self._grads_from_outside(buckets):
+            self._outside_gradients()  # the step's first probe: nothing is changed yet
         with _no_grad():
             for bi, b in enumerate(buckets):
                 if not b.params:
@@ -334,6 +355,46 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if probe.loss is not None and not _finite_loss(probe.loss):
             self._skip(buckets, f"non-finite loss at probe {name}")
         return self._capture(buckets, name, backend)
+
+    def _hand_back(self, pairs) -> None:
+        """Leave a probe's gradient in .grad, as after a normal backward(): ``pairs`` of
+        (params, gradients). Remembered (tensor and version), so that the next step can tell
+        them from gradients computed outside it."""
+        handed = self._handed_back = {}
+        for params, grads in pairs:
+            for p, gr in zip(params, grads):
+                p.grad = gr if gr.dtype == p.dtype else gr.to(p.dtype)
+                handed[p] = (p.grad, p.grad._version)
+
+    def _grads_from_outside(self, buckets) -> bool:
+        """Whether some parameter holds a gradient this optimizer did not hand back
+        unchanged (host-only: tensor identity and version counter)."""
+        handed = self._handed_back
+        for b in buckets:
+            for p in b.params:
+                g = p.grad
+                if g is not None:
+                    h = handed.get(p)
+                    if h is None or h[0] is not g or h[1] != g._version:
+                        return True
+        return False
+
+    def _outside_gradients(self) -> None:
+        """The parameters hold gradients when a step starts: a backward() ran outside it
+        (the torch habit backward-clip-step, or a framework accumulating earlier batches).
+        Every probe evaluates its own gradient, so those are discarded: say so once, and
+        refuse Lightning's automatic accumulation (its closure can only run the last batch)."""
+        name = type(self).__name__
+        if self._closure_kind in ("pytorch_lightning", "lightning"):
+            raise ValueError(LIGHTNING_ACCUMULATION.format(name=name))
+        if not self._warned_outside:
+            self._warned_outside = True
+            warnings.warn(
+                f"{name}.step(): the parameters already hold gradients when the step starts "
+                "(a backward() outside the closure, or gradients accumulated over earlier "
+                "batches). They are discarded: each probe evaluates its own gradient. Clip "
+                "with the max_grad_norm option, accumulate inside the closure (or per probe "
+                "of opt.probes()), and zero with set_to_none=True.", RuntimeWarning, stacklevel=5)
 
     def _capture(self, buckets, name, backend):
         grads, checks, missing = [], {}, False
@@ -386,8 +447,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         use normalised gradients, which clipping leaves unchanged); an optimizer that
         overrides ``_probe_and_commit`` gets the gradients scaled in place (one pass)."""
         sq = self._probe_sq[name]
-        if self._norm_reducers:  # e.g. a sum over shards (FSDP2)
-            sq = self._reduce_norm(torch.tensor(sq, dtype=torch.float32) if isinstance(sq, float) else sq)
+        if self._norm_reducers:  # e.g. a sum over shards (FSDP2): once per probe, kept global
+            sq = self._probe_sq[name] = self._reduce_norm(
+                torch.tensor(sq, dtype=torch.float32) if isinstance(sq, float) else sq)
         norm = math.sqrt(sq) if isinstance(sq, float) else sq.sqrt()
         self._grad_norms.append(norm)
         max_norm = self.param_groups[0].get("max_grad_norm")
