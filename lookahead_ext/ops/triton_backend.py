@@ -150,4 +150,5 @@ def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
 
 
 def nonfinite_(lists, inv_scale: Optional[torch.Tensor] = None, sq_norms: bool = False):
+    check_nonfinite_aliasing(lists, inv_scale)
     return _run("nonfinite_", lists, (lists, inv_scale, sq_norms))
