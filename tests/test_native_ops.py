@@ -338,9 +338,9 @@ def test_cpu_and_meta_tensors_in_one_call_raise():
     with pytest.raises(RuntimeError, match="different devices"):
         native.lookahead_sync_([cpu], [meta], 0.5)
     with pytest.raises(RuntimeError, match="different devices"):
-        native.perturb_([cpu], [meta], [cpu], 0.5)
+        native.perturb_([cpu], [meta], [torch.ones(3)], 0.5)  # direction apart from out (aliasing rules)
     with pytest.raises(RuntimeError, match="different devices"):
-        native.combine_step_([cpu], [meta], (None, [cpu], None), (0.0, 1.0, 0.0), BaseStep(lr=0.1), {})
+        native.combine_step_([cpu], [meta], (None, [torch.ones(3)], None), (0.0, 1.0, 0.0), BaseStep(lr=0.1), {})
     with pytest.raises(RuntimeError):  # the reference raises too
         reference.multi_dot([[cpu, meta]], [(0, 0)])
     # all-meta calls still trace (shapes only)

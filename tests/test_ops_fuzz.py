@@ -140,3 +140,64 @@ def test_fuzz_combine_step(backend, data):
     run_sample(_impl(backend), "combine_step_",
                SampleInput("fuzz", (params, masters, grads, coefs, base, state, v, vc, acc, True), writes=writes),
                backend)
+
+
+# aliasing patterns (docs/backends.md, "Aliasing"): slices of one flat buffer drawn at random for every
+# argument; an independent oracle on element indices decides whether the call must be refused
+def _slices(draw, flat, n):
+    out = []
+    for _ in range(n):
+        a = draw(st.integers(0, flat.numel() - 1))
+        out.append((a, draw(st.integers(0, 6))))
+    return out
+
+
+def _must_refuse(written, read, pair=None):
+    """Element-level rule: a written slice shares an element with any other slice, unless it is
+    its in-place partner (same list pair, same index, same slice)."""
+    everything = [(name, i, s, True) for name, lst in written for i, s in enumerate(lst)]
+    everything += [(name, i, s, False) for name, lst in read for i, s in enumerate(lst)]
+    for x, (na, ia, (a0, la), wa) in enumerate(everything):
+        for nb, ib, (b0, lb), wb in everything[x + 1:]:
+            if not (wa or wb) or not set(range(a0, a0 + la)) & set(range(b0, b0 + lb)):
+                continue
+            if pair and {na, nb} == set(pair) and ia == ib and (a0, la) == (b0, lb):
+                continue
+            return True
+    return False
+
+
+@given(data=st.data())
+def test_fuzz_aliasing(backend, data):
+    dev = backend.device
+    n = data.draw(st.integers(1, 3))
+    flat = torch.randn(24, device=dev)
+    op = data.draw(st.sampled_from(["perturb_", "lookahead_sync_"]))
+    names = ("out", "base", "direction") if op == "perturb_" else ("slow", "fast", "params")
+    lens = [data.draw(st.integers(0, 6)) for _ in range(n)]
+    lists = {}
+    for name in names:
+        if data.draw(st.booleans()):  # a slice of the shared buffer, else a tensor of its own
+            lists[name] = [(data.draw(st.integers(0, 24 - k)), k) for k in lens]
+        else:
+            lists[name] = None
+    if op == "perturb_" and data.draw(st.booleans()):
+        lists["base"] = lists["out"]  # the in-place pair
+    args = [[flat[a:a + k] for a, k in lists[nm]] if lists[nm] is not None else
+            [torch.randn(k, device=dev) for k in lens] for nm in names]
+    shared = {nm: lst for nm, lst in lists.items() if lst is not None}
+    written = [(nm, shared[nm]) for nm in (("out",) if op == "perturb_" else names) if nm in shared]
+    read = [(nm, shared[nm]) for nm in (("base", "direction") if op == "perturb_" else ()) if nm in shared]
+    refuse = _must_refuse(written, read, ("out", "base") if op == "perturb_" else None)
+    if op == "perturb_":
+        call, sample = (args[0], args[1], args[2], 0.37), SampleInput("fuzz_alias", (args[0], args[1], args[2], 0.37),
+                                                                      writes=[(0, "state")])
+    else:
+        call = (args[0], args[1], 0.5, args[2])
+        sample = SampleInput("fuzz_alias", call, writes=[(0, "state"), (1, "state"), (3, "state")])
+    if refuse:
+        for impl in (_impl(backend), ops.reference):
+            with pytest.raises(ValueError, match="share memory"):
+                getattr(impl, op)(*call)
+    else:
+        run_sample(_impl(backend), op, sample, backend)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
@@ -19,7 +18,7 @@ from .. import ops
 from ..ops.base_step import ADAMW, SGD, BaseStep
 from ..ops.reference import compute_dtype
 from ..optim.groups import KindGroups, base_step_, sync_slow_
-from ..optim.validation import check_backend, check_k
+from ..optim.validation import BIO_RULES, check_values
 
 __all__ = ["LookaheadBio"]
 
@@ -218,12 +217,9 @@ class LookaheadBio:
             raise TypeError("model must be an nn.Module")
         if not isinstance(num_sources, int) or num_sources < 2:
             raise ValueError(f"num_sources must be an integer >= 2, got {num_sources!r}")
-        check_k(k)
-        for name, b in (("beta_w", beta_w), ("beta_lam", beta_lam)):
-            if not (0.0 < b <= 1.0):
-                raise ValueError(f"{name} must be in (0, 1], got {b}")
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+        check_values(dict(k=k, beta_w=beta_w, beta_lam=beta_lam, alpha=alpha, lr_w=lr_w, lr_u=lr_u,
+                          lr_lam=lr_lam, momentum=momentum, weight_decay=weight_decay, betas=betas,
+                          eps=eps, lam_weight_decay=lam_weight_decay, backend=backend), BIO_RULES)
         if base not in (SGD, ADAMW):
             raise ValueError(f"base must be 'sgd' or 'adamw', got {base!r}")
         lam_base = lam_base or ("sgd" if base == SGD else "adam")
@@ -235,7 +231,6 @@ class LookaheadBio:
             raise ValueError(f"hypergrad must be one of {_HYPERGRAD}, got {hypergrad!r}")
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError("on_nonfinite must be 'skip' or 'raise'")
-        check_backend(backend)
         if source_names is not None and len(source_names) != num_sources:
             raise ValueError(f"source_names has {len(source_names)} names for {num_sources} sources")
 
@@ -280,8 +275,6 @@ class LookaheadBio:
             lam0 = torch.as_tensor(lam_init, dtype=torch.float32, device=dev).clone()
             if lam0.shape != (num_sources,) or not torch.isfinite(lam0).all():
                 raise ValueError(f"lam_init must be {num_sources} finite numbers")
-        if not (lam_weight_decay >= 0 and math.isfinite(lam_weight_decay)):
-            raise ValueError(f"lam_weight_decay must be >= 0, got {lam_weight_decay}")
         lam_step = (BaseStep(kind=SGD, lr=lr_lam, weight_decay=lam_weight_decay) if lam_base == "sgd" else
                     BaseStep(kind=ADAMW, lr=lr_lam, weight_decay=lam_weight_decay, beta1=betas[0],
                              beta2=betas[1], eps=eps))

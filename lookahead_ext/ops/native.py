@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .base_step import BaseStep
-from .helpers import check_combine_extras, check_same_length
+from .helpers import (check_combine_aliasing, check_combine_extras, check_nonfinite_aliasing,
+                      check_perturb_aliasing, check_same_length, check_sync_aliasing)
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
@@ -176,6 +177,7 @@ class NativeBackend:
         """out = cast(base + scale*direction), backup = base first (Algorithm 1, lines 9-10)."""
         if not out:
             return
+        check_perturb_aliasing(out, base, direction, scale, backup)
         st, sf = _split_scalar(scale)
         ok, _ = _fast(self._lib().perturb_, out, base, direction, st, sf, [] if backup is None else backup)
         if ok:
@@ -197,6 +199,7 @@ class NativeBackend:
         check_combine_extras(params, masters, v, v_sq_out, write_masters)
         if not params:
             return
+        check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters)
         kind, hyper, flags = base.kernel_args()
         names = base.state_names()
         s1 = base_state[names[0]] if names else None
@@ -224,6 +227,7 @@ class NativeBackend:
         """slow += alpha (fast - slow); fast = slow; params = slow (Algorithm 1, line 18)."""
         if not slow:
             return
+        check_sync_aliasing(slow, fast, params)
         ok, _ = _fast(self._lib().lookahead_sync_, slow, fast, float(alpha), [] if params is None else params)
         if ok:
             return
@@ -240,6 +244,7 @@ class NativeBackend:
             if sq_norms:
                 return torch.zeros(1 + len(lists), dtype=torch.float32)
             return torch.zeros((), dtype=torch.float32)
+        check_nonfinite_aliasing(lists, inv_scale)
         inv = None if inv_scale is None else _scalar_t(inv_scale)
         sizes = [len(lst) for lst in lists] if sq_norms else []
         ok, out = _fast(self._lib().nonfinite_, flat, inv, sizes, bool(sq_norms))

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from .base_step import ADAMW, BaseStep
-from .helpers import (TensorList, check_combine_extras, check_same_length, check_scale, compute_dtype,
-                      linear_combination)
+from .helpers import (TensorList, check_combine_aliasing, check_combine_extras, check_nonfinite_aliasing,
+                      check_perturb_aliasing, check_same_length, check_scale, check_sync_aliasing,
+                      compute_dtype, linear_combination)
 from .helpers import upcast as _up
 
 Scalar = "float | Tensor"
@@ -62,6 +63,7 @@ def perturb_(out: TensorList, base: TensorList, direction: TensorList, scale,
     check_scale(scale)  # before anything is written
     if not out:
         return
+    check_perturb_aliasing(out, base, direction, scale, backup)
     cdt = compute_dtype((out if backup is None else backup)[0].dtype)
     if backup is not None:
         torch._foreach_copy_(list(backup), list(base))
@@ -145,6 +147,7 @@ def combine_step_(params: TensorList, masters: TensorList,
     check_combine_extras(params, masters, v, v_sq_out, write_masters)
     if not params:
         return
+    check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters)
     cdt = masters[0].dtype
     if v is not None:
         bv, a0, ap, am = v_coefs
@@ -169,6 +172,7 @@ def lookahead_sync_(slow: TensorList, fast: TensorList, alpha: float,
     """
     if not slow:
         return
+    check_sync_aliasing(slow, fast, params)
     cdt = slow[0].dtype
     torch._foreach_lerp_(list(slow), _up(fast, cdt), float(alpha))
     torch._foreach_copy_(list(fast), list(slow))
@@ -189,6 +193,7 @@ def nonfinite_(lists: Sequence[TensorList], inv_scale: Optional[Tensor] = None,
     unscaled values), summed as multi_dot([lists[i]], [(0, 0)]) does (float32; float64 if
     any input is float64). The fused backends read the data once for both.
     """
+    check_nonfinite_aliasing(lists, inv_scale)
     flat = [t for lst in lists for t in lst]
     device = flat[0].device if flat else torch.device("cpu")
     flags = []

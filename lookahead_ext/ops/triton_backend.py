@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from . import reference
-from .helpers import check_scale
+from .helpers import (check_combine_aliasing, check_nonfinite_aliasing, check_perturb_aliasing, check_scale,
+                      check_sync_aliasing)
 
 name = "triton"
 devices = ("cpu", "cuda")
@@ -132,18 +133,22 @@ def multi_dot(lists, pairs, per_tensor: bool = False):
 
 def perturb_(out, base, direction, scale, backup=None) -> None:
     check_scale(scale)  # before the backup is written
+    check_perturb_aliasing(out, base, direction, scale, backup)
     return _run("perturb_", (out,), (out, base, direction, scale, backup))
 
 
 def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
                   v_sq_out=None, write_masters=True) -> None:
+    check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters)
     return _run("combine_step_", (params,), (params, masters, grads, coefs, base, base_state, v,
                                              v_coefs, v_sq_out, write_masters))
 
 
 def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
+    check_sync_aliasing(slow, fast, params)
     return _run("lookahead_sync_", (slow,), (slow, fast, alpha, params))
 
 
 def nonfinite_(lists, inv_scale: Optional[torch.Tensor] = None, sq_norms: bool = False):
+    check_nonfinite_aliasing(lists, inv_scale)
     return _run("nonfinite_", lists, (lists, inv_scale, sq_norms))

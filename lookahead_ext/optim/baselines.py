@@ -10,7 +10,8 @@ from .. import ops
 from ..ops.reference import _up
 from ._buckets import state_dtype
 from ._grad_mode import no_grad as _no_grad
-from .engine import ProbeOptimizer, _check_range
+from .engine import ProbeOptimizer
+from .validation import CRSAM_RULES, GSAM_RULES, check_values
 
 __all__ = ["LookbehindSAM", "GSAM", "CRSAM"]
 
@@ -202,13 +203,12 @@ class GSAM(ProbeOptimizer):
     """
 
     direction, scheme, lookahead = "momentum", "forward", False
+    _hyper_rules = GSAM_RULES
 
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.05, beta: float = 0.99,
                  period: int = 100, **kw):
         _no_keys(type(self), kw, ("lam", "k", "alpha", "beta_start", "beta_end", "gamma", "init_v"))
-        _check_range("beta", beta, 0.0, 1.0)
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"period must be an integer >= 1, got {period!r}")
+        check_values(dict(beta=beta, period=period), GSAM_RULES)
         super().__init__(params, lr=lr, rho=rho, lam=rho, k=1, alpha=1.0, **kw)
         self.defaults.update(beta=beta, period=period)
         for g in self.param_groups:
@@ -288,11 +288,12 @@ class CRSAM(ProbeOptimizer):
     """
 
     direction, scheme, lookahead = "grad", "central_base", False
+    _hyper_rules = CRSAM_RULES
 
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.1, gamma: float = 0.1,
                  beta: float = 0.01, **kw):
         _no_keys(type(self), kw, ("k", "alpha", "lam", "curv"))
-        _check_range("beta", beta, 0.0, math.inf)
+        check_values(dict(beta=beta), CRSAM_RULES)
         super().__init__(params, lr=lr, rho=rho, lam=rho, k=1, alpha=1.0, gamma=gamma, **kw)
         self.defaults["beta"] = beta
         for g in self.param_groups:

@@ -2,6 +2,5 @@
 from .family_optimizer import ProbeOptimizer
 from .runtime import Probe, ProbeRuntime
 from .scheme import DIRECTIONS, SCHEMES
-from .validation import check_range as _check_range  # noqa: F401  (baselines.py imports it)
 
 __all__ = ["ProbeOptimizer", "ProbeRuntime", "Probe", "SCHEMES", "DIRECTIONS"]

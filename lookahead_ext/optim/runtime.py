@@ -18,7 +18,7 @@ from .diagnostics import CosineTracking
 from .groups import (advance_steps, base_step_, global_sq, inv_norm, per_parameter_steps,
                      state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
 from .hooks import ProbeHooks
-from .validation import check_real_params, validate_group
+from .validation import FAMILY_RULES, check_groups, check_real_params, validate_group
 from .. import ops
 
 ENGINE_KEY = "lookahead_ext"  # the state_dict entry of the runtime's own state
@@ -116,7 +116,12 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if self.lookahead:
             init_slow(trainable(self.param_groups), self._slow)
 
-    _validate = staticmethod(validate_group)
+    #: the hyperparameter rules of the param groups (optim/validation.py)
+    _hyper_rules = FAMILY_RULES
+
+    def _validate(self, g: dict) -> None:
+        validate_group(g, self._hyper_rules)
+
     #: max_grad_norm scales d's coefficients (True) instead of the gradients (see _clip_probe)
     _clip_as_coefficient = False
 
@@ -193,6 +198,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._run_step_hooks(post=True)
 
     def _update(self) -> Iterator[Probe]:
+        check_groups(self.param_groups, self._hyper_rules)  # edited since? refuse before any write
         self.last_loss = None
         self._missing = False  # set by _probe: some parameter had no gradient in some probe
         self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients

@@ -1,7 +1,19 @@
-"""Validation of the probe optimizers' hyperparameters and parameters (errors name the key, never print a tensor)."""
+"""Hyperparameter rules of every optimizer of the package (one table each, checked at construction and at every step) and parameter checks.
+
+A rule says what one key may hold; a table maps keys to rules. The same table is checked
+when an optimizer is built (:func:`validate_group` on the defaults and on every param
+group), when a group is added, and at the start of every ``step()`` (:func:`check_groups`:
+schedulers and users write ``param_groups`` between steps). A refused step raises before
+anything is written. Errors name the key and the value, never print a tensor.
+
+Real numbers must be finite (inf and NaN are refused everywhere). ``lr`` may be a tensor
+with one element (torch.optim allows it); its value is checked at construction and when a
+group is added, at step time only its shape (reading it would be a device sync).
+"""
 from __future__ import annotations
 
 import math
+import numbers
 
 from torch import Tensor
 
@@ -9,68 +21,181 @@ from .. import ops
 from ..ops.base_step import BASES
 
 
+class Real:
+    """A finite real number in [lo, hi] (open ends with ``lo_open``/``hi_open``; an infinite
+    end is always open). ``tensor``: a one-element tensor is accepted too (lr)."""
+
+    __slots__ = ("lo", "hi", "lo_open", "hi_open", "tensor", "text")
+
+    def __init__(self, lo: float = 0.0, hi: float = math.inf, lo_open: bool = False,
+                 hi_open: bool = False, tensor: bool = False):
+        self.lo, self.hi = lo, hi
+        self.lo_open, self.hi_open = lo_open, hi_open or hi == math.inf
+        self.tensor = tensor
+        lb, rb = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        self.text = f"a finite number in {lb}{lo}, {hi}{rb}"
+
+    def ok(self, x) -> bool:
+        # NaN fails every comparison; inf fails the open upper end
+        return ((self.lo < x) if self.lo_open else (self.lo <= x)) and \
+               ((x < self.hi) if self.hi_open else (x <= self.hi))
+
+    def __call__(self, name: str, value, step: bool = False) -> None:
+        if type(value) is float:  # the hot path at step time
+            if self.ok(value):
+                return
+        elif isinstance(value, Tensor):
+            if not self.tensor:
+                raise ValueError(f"{name} must be a Python number, got a tensor of shape {tuple(value.shape)}")
+            if value.numel() != 1:
+                raise ValueError(f"{name} as a Tensor must have one element, got shape {tuple(value.shape)}")
+            if step or self.ok(float(value)):
+                return
+            value = float(value)
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        elif self.ok(value):
+            return
+        raise ValueError(f"{name} must be {self.text}, got {value!r}")
+
+
+class Int:
+    """An integer >= lo (bool refused)."""
+
+    __slots__ = ("lo",)
+
+    def __init__(self, lo: int = 1):
+        self.lo = lo
+
+    def __call__(self, name: str, value, step: bool = False) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < self.lo:
+            raise ValueError(f"{name} must be an integer >= {self.lo}, got {value!r}")
+
+
+class OneOf:
+    """One of a fixed set of values (``choices`` may be a callable: the backends change
+    with ops.register_backend)."""
+
+    __slots__ = ("choices",)
+
+    def __init__(self, choices):
+        self.choices = choices
+
+    def __call__(self, name: str, value, step: bool = False) -> None:
+        choices = self.choices() if callable(self.choices) else self.choices
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+class Pair:
+    """A pair of values, each under ``rule`` (reported as name[0], name[1])."""
+
+    __slots__ = ("rule",)
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def __call__(self, name: str, value, step: bool = False) -> None:
+        if isinstance(value, Tensor) or len(tuple(value)) != 2:
+            raise ValueError(f"{name} must be a pair, got {value!r}")
+        for i, x in enumerate(value):
+            self.rule(f"{name}[{i}]", x, step)
+
+
+class Maybe:
+    """None, or a value under ``rule``."""
+
+    __slots__ = ("rule",)
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def __call__(self, name: str, value, step: bool = False) -> None:
+        if value is not None:
+            self.rule(name, value, step)
+
+
+UNIT = Real(0.0, 1.0)            # [0, 1]
+UNIT_OPEN_HI = Real(0.0, 1.0, hi_open=True)
+UNIT_OPEN_LO = Real(0.0, 1.0, lo_open=True)
+NONNEG = Real(0.0)               # [0, inf)
+POSITIVE = Real(0.0, lo_open=True)  # (0, inf)
+BACKEND = OneOf(lambda: ops.BACKENDS)
+
+# The CMLR family (ProbeOptimizer): every keyword of its param groups.
+FAMILY_RULES = {
+    "lr": Real(0.0, tensor=True),
+    "momentum": UNIT_OPEN_HI,
+    "dampening": UNIT,
+    "weight_decay": NONNEG,
+    "betas": Pair(UNIT_OPEN_HI),
+    "eps": POSITIVE,
+    "rho": POSITIVE,
+    "lam": NONNEG,
+    "alpha": UNIT_OPEN_LO,
+    "beta_start": UNIT,
+    "beta_end": UNIT,
+    "gamma": UNIT,
+    "norm_eps": POSITIVE,
+    "max_grad_norm": Maybe(POSITIVE),
+    "k": Int(1),
+    "total_steps": Maybe(Int(1)),
+    "base": OneOf(BASES),
+    "backend": BACKEND,
+    "init_v": OneOf(("grad", "carry")),
+    "beta_schedule": OneOf(("cycle", "training")),
+    "anchor": OneOf(("g0", "g+")),
+}
+# The baselines add their own keys (GSAM's beta is a moving-average weight, CR-SAM's a
+# non-negative weight of the first-difference term).
+GSAM_RULES = {**FAMILY_RULES, "beta": UNIT, "period": Int(1)}
+CRSAM_RULES = {**FAMILY_RULES, "beta": NONNEG}
+# LookaheadBio's keywords (alpha there is the penalty of ScaleBiO's eq. 2).
+BIO_RULES = {
+    "k": Int(1), "beta_w": UNIT_OPEN_LO, "beta_lam": UNIT_OPEN_LO, "alpha": POSITIVE,
+    "lr_w": NONNEG, "lr_u": Maybe(NONNEG), "lr_lam": NONNEG, "momentum": UNIT_OPEN_HI,
+    "weight_decay": NONNEG, "lam_weight_decay": NONNEG, "betas": Pair(UNIT_OPEN_HI),
+    "eps": POSITIVE, "backend": BACKEND,
+}
+
+
+def check_values(values: dict, rules: dict, step: bool = False) -> None:
+    """ValueError for the first key of ``values`` that breaks its rule (keys without a
+    rule, and rules without a key, are skipped)."""
+    for name, rule in rules.items():
+        if name in values:
+            rule(name, values[name], step)
+
+
+def validate_group(g: dict, rules: dict = FAMILY_RULES, step: bool = False) -> None:
+    """A param group (or the defaults) of a probe optimizer: every key under ``rules``, then
+    the rules that tie two keys together."""
+    check_values(g, rules, step)
+    if g.get("beta_schedule") == "training" and g.get("total_steps") is None:
+        raise ValueError("beta_schedule='training' needs total_steps, an integer >= 1, got None")
+    if g.get("nesterov") and (g["momentum"] <= 0 or g["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def check_groups(groups, rules: dict = FAMILY_RULES) -> None:
+    """Step-time check of every param group (host values only: a tensor lr is checked for
+    its shape, never read)."""
+    for g in groups:
+        validate_group(g, rules, step=True)
+
+
 def check_range(name, value, lo, hi, lo_open=False, hi_open=False) -> None:
-    """ValueError unless ``value`` is a real number in the interval [lo, hi] (open ends
-    with ``lo_open``/``hi_open``); NaN is rejected."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    bad = (math.isnan(value) or value < lo or value > hi or (lo_open and value == lo)
-           or (hi_open and value == hi))
-    if bad:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}, got {value}")
+    """ValueError unless ``value`` is a finite real number in the interval [lo, hi] (open
+    ends with ``lo_open``/``hi_open``)."""
+    Real(lo, hi, lo_open, hi_open)(name, value)
 
 
 def check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    Int(1)("k", k)
 
 
 def check_backend(backend) -> None:
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-
-
-def validate_group(g: dict) -> None:
-    """Every key of a family param group (ProbeOptimizer's keywords)."""
-    if g["base"] not in BASES:
-        raise ValueError(f"base must be one of {BASES}, got {g['base']!r}")
-    check_backend(g["backend"])
-    if g.get("beta_schedule", "cycle") not in ("cycle", "training"):
-        raise ValueError(f"beta_schedule must be 'cycle' or 'training', got {g['beta_schedule']!r}")
-    ts = g.get("total_steps")
-    if g.get("beta_schedule") == "training" and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 1):
-        raise ValueError(f"beta_schedule='training' needs total_steps, an integer >= 1, got {ts!r}")
-    if g["init_v"] not in ("grad", "carry"):
-        raise ValueError(f"init_v must be 'grad' or 'carry', got {g['init_v']!r}")
-    check_k(g["k"])
-    lr = g["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("lr as a Tensor must have one element")
-        lr = float(lr)
-    check_range("lr", lr, 0.0, math.inf)
-    check_range("rho", g["rho"], 0.0, math.inf, lo_open=True)
-    check_range("lam", g["lam"], 0.0, math.inf)
-    check_range("alpha", g["alpha"], 0.0, 1.0, lo_open=True)
-    check_range("beta_start", g["beta_start"], 0.0, 1.0)
-    check_range("beta_end", g["beta_end"], 0.0, 1.0)
-    check_range("gamma", g["gamma"], 0.0, 1.0)
-    check_range("momentum", g["momentum"], 0.0, 1.0, hi_open=True)
-    check_range("dampening", g["dampening"], 0.0, 1.0)
-    check_range("weight_decay", g["weight_decay"], 0.0, math.inf)
-    check_range("eps", g["eps"], 0.0, math.inf, lo_open=True)
-    check_range("norm_eps", g["norm_eps"], 0.0, math.inf, lo_open=True)
-    if "betas" in g:  # base="sgd" groups carry none (see ProbeOptimizer.__init__)
-        if len(tuple(g["betas"])) != 2:
-            raise ValueError(f"betas must be a pair, got {g['betas']!r}")
-        b1, b2 = g["betas"]
-        check_range("betas[0]", b1, 0.0, 1.0, hi_open=True)
-        check_range("betas[1]", b2, 0.0, 1.0, hi_open=True)
-    if g.get("max_grad_norm") is not None:
-        check_range("max_grad_norm", g["max_grad_norm"], 0.0, math.inf, lo_open=True)
-    if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    BACKEND("backend", backend)
 
 
 def check_real_params(params, owner: str) -> None:
