@@ -58,17 +58,23 @@ def _lookahead_opt(cls, kw, params, k=3, alpha=0.5):
     return cls(params, lr=0.05, k=k, alpha=alpha, **kw)
 
 
+def _frozen_run(cls, kw, pick):
+    """(model, the parameter ``pick(model)`` frozen before the optimizer is built, optimizer,
+    one training step)."""
+    model = mlp()
+    x, y = data()
+    p = pick(model)
+    p.requires_grad_(False)
+    opt = _lookahead_opt(cls, kw, model.parameters())
+    return model, p, opt, _stepper(opt, model, x, y)
+
+
 @pytest.mark.parametrize("cls,kw", LOOKAHEAD_MEMBERS, ids=LOOKAHEAD_IDS)
 def test_unfrozen_param_joins_cycle_with_its_weights_then(cls, kw):
     """Frozen at construction, edited while frozen (e.g. pretrained weights loaded), unfrozen
     at a cycle start: its slow weights are its weights when it joins (not those at
     construction), and the sync moves it by alpha (fast - slow) like every other parameter."""
-    model = mlp()
-    x, y = data()
-    w = model[0].weight
-    w.requires_grad_(False)
-    opt = _lookahead_opt(cls, kw, model.parameters())
-    step = _stepper(opt, model, x, y)
+    model, w, opt, step = _frozen_run(cls, kw, lambda m: m[0].weight)
     for _ in range(3):  # one whole cycle (k=3) while frozen
         step()
     assert opt.cycle_position == 0
@@ -93,12 +99,7 @@ def test_unfreeze_mid_cycle_and_freeze_again(cls, kw):
     """Unfrozen mid-cycle it joins that cycle (slow = its weights at its first step); frozen
     mid-cycle it is left exactly as it is (no sync touches it) and drops its slow weights;
     unfrozen again it rejoins with its weights then."""
-    model = mlp()
-    x, y = data()
-    b = model[2].bias
-    b.requires_grad_(False)
-    opt = _lookahead_opt(cls, kw, model.parameters())
-    step = _stepper(opt, model, x, y)
+    _, b, opt, step = _frozen_run(cls, kw, lambda m: m[2].bias)
     step()
     b.requires_grad_(True)  # cycle position 1 of 3
     joined = b.detach().clone()
