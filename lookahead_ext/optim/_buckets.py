@@ -37,6 +37,11 @@ class Bucket:
     # `perturbed` = the params currently hold a probe point other than w.
     synced: bool = False
     perturbed: bool = False
+    # low precision: the params' version counters when the optimizer last wrote them (None:
+    # unknown, check every value), see ProbeRuntime._adopt_edits; `pending` = some masters
+    # are new and join the state only with the first applied step (a skipped one leaves it as it was)
+    versions: list | None = None
+    pending: bool = False
 
     @property
     def kind(self) -> tuple:
@@ -61,7 +66,8 @@ def trainable(groups) -> list[Tensor]:
 
 
 def make_buckets(groups, state, scratch) -> list[Bucket]:
-    """Buckets of trainable params; creates low-precision masters / fp32 scratch backups."""
+    """Buckets of trainable params; creates low-precision masters (kept out of ``state``
+    until ProbeRuntime._finish) / fp32 scratch backups."""
     buckets: dict[tuple, Bucket] = {}
     for gi, group in enumerate(groups):
         for p in group["params"]:
@@ -72,10 +78,11 @@ def make_buckets(groups, state, scratch) -> list[Bucket]:
             b = buckets.setdefault(key, Bucket(group, low_precision=low, synced=low))
             b.params.append(p)
             if low:
-                st = state[p]
-                if "master" not in st:
-                    st["master"] = p.detach().to(torch.float32).clone()
-                b.masters.append(st["master"])
+                m = state[p].get("master") if p in state else None  # `in`: no empty entry
+                if m is None:
+                    m = p.detach().to(torch.float32).clone()
+                    b.pending = True
+                b.masters.append(m)
             else:
                 m = scratch.get(p)
                 if m is None or m.shape != p.shape or m.dtype != p.dtype or m.device != p.device:

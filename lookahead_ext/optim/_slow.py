@@ -16,6 +16,18 @@ def init_slow(params, slow: dict) -> None:
                 slow[p] = p.detach().to(state_dtype(p.dtype)).clone(memory_format=torch.contiguous_format)
 
 
+def join_slow(params, slow: dict) -> dict:
+    """The slow weights of the cycle's parameters ``params`` (those that require grad now):
+    one that joins (unfrozen, or frozen when the optimizer was built) starts at its weights
+    now, the w_{t,0} of the cycle it joins (Algorithm 1, line 2); one that left (frozen)
+    drops its slow weights and is left as it is. Returns ``slow`` or a new dict."""
+    init_slow(params, slow)
+    if len(slow) == len(params):
+        return slow
+    keep = set(map(id, params))
+    return {p: s for p, s in slow.items() if id(p) in keep}
+
+
 class SlowWeightsMixin:
     """Provides `slow_weights()` and `sync()`; the class supplies `_slow_map()` and `_sync_now()`."""
 

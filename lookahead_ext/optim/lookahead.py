@@ -7,7 +7,7 @@ from torch.optim import Optimizer
 
 from ._buckets import LOW_PRECISION, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
-from ._slow import SlowWeightsMixin, init_slow
+from ._slow import SlowWeightsMixin, init_slow, join_slow
 from .groups import KindGroups, sync_slow_
 from .validation import check_backend, check_k, check_range
 
@@ -31,6 +31,10 @@ class Lookahead(SlowWeightsMixin, Optimizer):
       called (closure optional), so Lookahead drops into any existing training loop.
     - ``param_groups`` are the base optimizer's own (lr schedulers work on either).
     - With alpha = 1 it is exactly the base optimizer.
+    - The cycle covers the parameters that require grad: one unfrozen later joins it at
+      its next step with slow weights = its weights then; a frozen one drops out.
+    - A step the base optimizer skips (a probe optimizer's ``num_steps`` does not grow,
+      e.g. SAM on a non-finite gradient) is not counted: no sync, nothing changes.
 
     Args:
         optimizer: the base (fast) optimizer, any ``torch.optim.Optimizer``.
@@ -69,8 +73,22 @@ class Lookahead(SlowWeightsMixin, Optimizer):
         init_slow(trainable([self.optimizer.param_groups[-1]]), self._slow)
         self._plan = None
 
+    _stepping = False  # a step is in progress (re-entry from the closure is refused)
+
     def step(self, closure=None):
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        if self._stepping:
+            raise RuntimeError("Lookahead.step() was called while a step is in progress (from "
+                               "inside the closure?): the closure must only compute the loss "
+                               "and call backward().")
+        self._sync_plan()  # a parameter unfrozen since the last step joins the cycle now
+        applied = getattr(self.optimizer, "num_steps", None)  # probe optimizers count applied steps
+        self._stepping = True
+        try:
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        finally:
+            self._stepping = False
+        if applied is not None and self.optimizer.num_steps == applied:
+            return loss  # the base optimizer skipped the update: the cycle does not advance
         self._counter += 1
         if self._counter >= self.k:
             self._sync_now()
@@ -95,6 +113,7 @@ class Lookahead(SlowWeightsMixin, Optimizer):
         plan = self._plan
         if plan is None or plan[0] != sig:
             params = trainable(self.param_groups)
+            self._slow = join_slow(params, self._slow)
             plan = self._plan = (sig, (params, [self._slow[p] for p in params], KindGroups(params)))
         return plan[1]
 

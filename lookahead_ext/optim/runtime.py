@@ -13,7 +13,7 @@ from ..ops.base_step import BaseStep
 from ..ops.plan_lists import PlanList, new_epoch
 from ._buckets import Bucket, make_buckets, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
-from ._slow import SlowWeightsMixin, init_slow
+from ._slow import SlowWeightsMixin, init_slow, join_slow
 from .diagnostics import CosineTracking
 from .groups import (advance_steps, base_step_, global_sq, inv_norm, per_parameter_steps,
                      state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
@@ -89,6 +89,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     """
 
     lookahead = False
+    _stepping = False  # a step is in progress (see _check_reentry)
+    _warned_no_grad = False  # the "no gradient at all" warning is given once (see _capture)
 
     def __init__(self, params, defaults: dict, track_cosine: bool = False):
         self._validate(defaults)
@@ -172,6 +174,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 "several points per step. Pass `closure` (computes the loss, calls backward(), "
                 "returns the loss), or drive the step call by call: "
                 "`for probe in opt.probes(): loss = compute(); loss.backward(); probe.loss = loss`.")
+        self._check_reentry("step()")
         gen = self._update()  # torch's step wrapper runs the step hooks around this call
         self._closure_kind = type(closure).__module__.partition(".")[0]
         try:
@@ -193,12 +196,32 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         pre hooks run when the iteration starts and its post hooks after the update (not
         for an abandoned step), as around ``step()``.
         """
+        self._check_reentry("probes()")
         self._run_step_hooks(post=False)
         yield from self._update()
         self._run_step_hooks(post=True)
 
+    def _check_reentry(self, what: str) -> None:
+        """RuntimeError if a step is in progress: a step started from a closure (or a probe's
+        loop body) would commit from the probe point. Raised before anything is touched; the
+        error then abandons the outer step, which restores the weights exactly."""
+        if self._stepping:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} was called while a step is in progress (from inside "
+                "the closure or a probe's loop body?). The parameters hold a probe point there, "
+                "not the weights: the closure must only compute the loss and call backward(). "
+                "The outer step is abandoned; weights and optimizer state are unchanged.")
+
     def _update(self) -> Iterator[Probe]:
         check_groups(self.param_groups, self._hyper_rules)  # edited since? refuse before any write
+        self._stepping = True
+        try:
+            yield from self._update_steps()
+        finally:
+            self._stepping = False
+            self._mark_versions()
+
+    def _update_steps(self) -> Iterator[Probe]:
         self.last_loss = None
         self._missing = False  # set by _probe: some parameter had no gradient in some probe
         self._probe_sq: dict = {}  # set by _probe: global ||g||^2 of each probe's gradients
@@ -243,9 +266,37 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if plan is None or plan[0] != sig:
             with torch.no_grad():
                 plan = self._plan = (sig, make_buckets(groups, self.state, self._scratch))
+            if self.lookahead:  # the cycle covers the parameters that require grad now
+                self._slow = join_slow(trainable(groups), self._slow)
         for b in plan[1]:
             b.synced, b.perturbed = b.low_precision, False
+            if b.low_precision:
+                self._adopt_edits(b)
         return plan[1]
+
+    @staticmethod
+    def _adopt_edits(b: Bucket) -> None:
+        """A low-precision parameter written by anything but this optimizer since its last
+        step (load_state_dict, an init, clamp_: its version counter moved) keeps the edit:
+        each element that differs from cast(master) re-seeds its master from the
+        parameter. Reading the counters costs no device work (no host sync on CUDA);
+        edits through ``p.data`` do not move them (see docs/training.md, Rules)."""
+        versions = [p._version for p in b.params]
+        if versions == b.versions:
+            return
+        old = b.versions or [None] * len(versions)
+        with torch.no_grad():
+            for p, m, v, u in zip(b.params, b.masters, versions, old):
+                if v != u:
+                    m.copy_(torch.where(p != m.to(p.dtype), p.to(m.dtype), m))
+
+    def _mark_versions(self) -> None:
+        """Record the version counters of the low-precision params after this optimizer's
+        own writes (see _adopt_edits)."""
+        if self._plan is not None:
+            for b in self._plan[1]:
+                if b.low_precision:
+                    b.versions = [p._version for p in b.params]
 
     def _restore(self, buckets) -> None:
         """Put the params back at w (a no-op for buckets never perturbed this step)."""
@@ -423,6 +474,12 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 p.grad = None  # keep this probe's gradient; the next probe starts from zero
             grads.append(gl)
         self._missing = self._missing or missing
+        if not self._warned_no_grad and not any(checks.values()) and any(b.params for b in buckets):
+            self._warned_no_grad = True
+            warnings.warn(f"{type(self).__name__}: probe {name} left no gradient on any parameter "
+                          "(does the closure call backward()?). Parameters without a gradient "
+                          "are not updated, yet num_steps counts the step. Warned once.",
+                          RuntimeWarning, stacklevel=4)
         inv_scale = self._grad_inv_scale() if self._grad_unscalers else None
         # one read per gradient: NaN/Inf flag and the squared norm, per (device, dtype)
         parts = []
@@ -539,6 +596,11 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         k = eng["k"] if k is None else k
         for b in buckets:
             b.perturbed = False
+        for b in self._plan[1]:
+            if b.pending:  # new fp32 masters join the state with the first applied step
+                for p, m in zip(b.params, b.masters):
+                    self.state[p].setdefault("master", m)
+                b.pending = False
         eng["steps"] += 1
         eng["k"] = k + 1
         if not self.lookahead:
@@ -571,7 +633,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     @torch.no_grad()
     def _sync_now(self) -> None:
         self._slow_map()
+        self._check_reentry("sync()")
         self._sync_buckets(self._step_buckets())
+        self._mark_versions()
 
     # ------------------------------------------------------------------ copy, state dict
     def __getstate__(self) -> dict:
