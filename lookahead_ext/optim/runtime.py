@@ -1,6 +1,7 @@
 """The probe runtime: the probe protocol, buckets, fp32 masters and backups, restore, skip, Lookahead sync and state_dict."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Iterator, Optional
@@ -55,6 +56,14 @@ LIGHTNING_ACCUMULATION = (
     "new point and Lightning's closure can only run the current batch). Use "
     "accumulate_grad_batches=1 and accumulate inside training_step (loop over micro-batches, "
     "calling self.manual_backward per micro-batch in manual optimization), or a larger batch.")
+
+
+def _closure_package(closure) -> str:
+    """Top-level package that made ``closure`` (Lightning hands over a functools.partial of
+    its precision plugin's method)."""
+    while isinstance(closure, functools.partial):
+        closure = closure.func
+    return (getattr(closure, "__module__", None) or type(closure).__module__ or "").partition(".")[0]
 
 
 def _finite_loss(loss) -> bool:
@@ -176,7 +185,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 "`for probe in opt.probes(): loss = compute(); loss.backward(); probe.loss = loss`.")
         self._check_reentry("step()")
         gen = self._update()  # torch's step wrapper runs the step hooks around this call
-        self._closure_kind = type(closure).__module__.partition(".")[0]
+        self._closure_kind = _closure_package(closure)
         try:
             for probe in gen:
                 with torch.enable_grad():
