@@ -81,17 +81,15 @@ def isa(request, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- torch's own kernels
-def _f32(x: Fraction) -> float:
-    """x rounded once to float32 (to nearest even)."""
-    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32)) if abs(x) < 2 ** 1000 else float(x)
+def _rn(x) -> float:
+    """x rounded to float32 (through float64: a double rounding, off only at exact float64 ties,
+    which random float32 inputs do not hit)."""
+    return float(torch.tensor(float(x), dtype=torch.float64).to(torch.float32))
 
 
 def _fma(a, b, c) -> float:
-    return _f32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
-
-
-def _rn(x: float) -> float:
-    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
+    """a * b + c rounded once to float32 (exact rational arithmetic)."""
+    return _rn(Fraction(a) * Fraction(b) + Fraction(c))
 
 
 @pytest.mark.skipif(not TORCH_FMA, reason="torch's CPU kernels have no FMA on this CPU")
@@ -187,7 +185,7 @@ def test_reference_float_and_tensor_scale_agree():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_overflow_is_ieee_inf(backend, monkeypatch):
+def test_overflow_is_ieee_inf(backend):
     """An exact result beyond float max is inf (never NaN, never a clamped 3.4e38); a product that
     overflows inside the formula overflows as in torch (perturb_ rounds scale * dir first)."""
     if backend == "cpp" and not CPP_OK:
