@@ -11,6 +11,7 @@ import torch
 from lookahead_ext import ops
 from lookahead_ext.ops.base_step import BaseStep
 
+import _cuda_emu
 from _compare import Tol, assert_close
 from op_db import DTYPES, DT_IDS, ROWS, TOLS, op_db
 from optim_db import OPTIM_TOLS
@@ -185,6 +186,18 @@ def test_cpp_equals_reference_bitwise(isa, case, monkeypatch):
     monkeypatch.setattr(torch, "_foreach_sqrt", _ieee_sqrt)
     want = CASES[case]("reference")
     _equal(got, want, f"{isa} {case}")
+
+
+@pytest.mark.cuda_emu
+@pytest.mark.skipif(_cuda_emu.WHY is not None, reason=_cuda_emu.SKIP_REASON)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_emu_equals_reference_bitwise(case, monkeypatch):
+    """The CUDA kernels (la_math.h with --fmad=false semantics, run on the CPU through HIP-CPU)
+    give the reference's bits too."""
+    got = CASES[case](_cuda_emu.NAME)
+    monkeypatch.setattr(torch, "_foreach_sqrt", _ieee_sqrt)
+    want = CASES[case]("reference")
+    _equal(got, want, f"cuda_emu {case}")
 
 
 def test_reference_float_and_tensor_scale_agree():
