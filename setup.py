@@ -56,8 +56,11 @@ def _extensions():
     # defines Py_LIMITED_API as its min_supported_cpython, which gives the wheel's tag).
     min_py = getattr(cpp_extension, "min_supported_cpython", None)
     abi = dict(py_limited_api=True) if min_py else {}
-    # no errno from sqrtf and no FP-trap assumptions: lets the kernels' loops vectorize
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math"]
+    # no errno from sqrtf and no FP-trap assumptions: lets the kernels' loops vectorize.
+    # -ffp-contract=off: GCC contracts a*b+c by default, so the AVX2 kernels (FMA) and the
+    # baseline ones (none) would round differently; the fused multiply-adds torch's kernels
+    # have are explicit in la_math.h (docs/tolerances.md, "Numeric policy")
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     if os.name != "nt":
         cxx += ["-fopenmp"]
     exts = [CppExtension("lookahead_ext._C", [s for s in cpp if not s.endswith("_cuda.cpp")],
@@ -69,9 +72,9 @@ def _extensions():
         exts.append(CUDAExtension(
             "lookahead_ext._C_cuda", [s for s in cpp if s.endswith("_cuda.cpp")] + cu,
             include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++20"],
-                                # --fmad=false: no multiply-add contraction, as the CPU
-                                # kernels, the Triton kernels and the reference
+            extra_compile_args={"cxx": ["-O3", "-std=c++20", "-ffp-contract=off"],
+                                # --fmad=false: no multiply-add contraction but the explicit
+                                # fma_rn of la_math.h, as the CPU kernels (numeric policy)
                                 "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "--fmad=false"]}, **abi))
     else:
         print("lookahead_ext: building the CPU extension only (torch without CUDA, no nvcc, "

@@ -27,9 +27,18 @@ LA_HD float sel(bool c, float a, float b) {
 #endif
 }
 
-// torch.lerp's two-sided formula (aten/src/ATen/native/Lerp.h): exact at both ends.
+// Numeric policy (docs/tolerances.md): torch's own optimizers' evaluation order, and a fused
+// multiply-add exactly where torch's CPU kernels fuse one (add with alpha, lerp, addcmul),
+// spelled out as fma_rn; nothing else is contracted (-ffp-contract=off, nvcc --fmad=false),
+// so every instruction set and the GPU round alike. fmaf is exact everywhere (a libm call
+// on CPUs without FMA, __fmaf_rn on the GPU).
+LA_HD float fma_rn(float a, float b, float c) { return fmaf(a, b, c); }
+
+// torch.lerp (aten/src/ATen/native/cpu/LerpKernel.cpp, lerp_vec): two-sided, exact at both
+// ends, one fused multiply-add: a + w (b - a) for |w| < 0.5, else b + (w - 1)(b - a).
 LA_HD float lerp(float a, float b, float w) {
-  return sel(w < 0.5f && w > -0.5f, a + w * (b - a), b - (b - a) * (1.0f - w));
+  const bool small = w < 0.5f && w > -0.5f;
+  return fma_rn(sel(small, w, w - 1.0f), b - a, sel(small, a, b));
 }
 
 LA_HD bool finite(float x) {
@@ -38,7 +47,8 @@ LA_HD bool finite(float x) {
 }
 
 // ---------------------------------------------------------------- perturb_ (Alg. 1, l. 9-10)
-// out = base + scale * dir, scale = +-rho / ||v||.
+// out = base + scale * dir, scale = +-rho / ||v||: the product rounded, then the sum (the
+// authors' SAM code, e_w = grad * scale; p.add_(e_w)), for a float and a tensor scale alike.
 LA_HD float perturb(float base, float dir, float scale) { return base + scale * dir; }
 
 // ---------------------------------------------------------------- combine_step_
@@ -55,12 +65,14 @@ struct Combine {
 
 // Selects (sel), not branches, here and below: the flags are loop-invariant at run time,
 // and the CPU loops must vectorize (a dropped term's NaN still never reaches the result).
+// Each product rounded, summed in term order (the reference's linear_combination). -0.0 is
+// the exact additive identity (the first term keeps its sign of zero); no term: +0.
 LA_HD float direction(const Combine& k, float g0, float gp, float gm) {
-  float d = 0.0f;
+  float d = -0.0f;
   d = sel(k.u0, d + k.c0 * g0, d);
   d = sel(k.up, d + k.cp * gp, d);
   d = sel(k.um, d + k.cm * gm, d);
-  return d;
+  return sel(k.u0 || k.up || k.um, d, 0.0f);
 }
 
 // v_new from the old v: coefficients bv, a0, ap, am are read by the caller (device scalars).
@@ -73,9 +85,12 @@ LA_HD float momentum_v(const Combine& k, float v, float g0, float gp, float gm,
   return r;
 }
 
-// torch.optim.SGD semantics (base_step.py): returns the new w, updates the momentum buffer.
+// torch.optim.SGD (sgd.py, both paths), op for op: grad.add(param, alpha=wd),
+// buf.mul_(momentum).add_(grad, alpha=1-dampening), grad.add(buf, alpha=momentum),
+// param.add_(grad, alpha=-lr); every add with alpha is one fused multiply-add (torch's CPU
+// add kernel). Returns the new w, updates the momentum buffer.
 struct Sgd {
-  float lr, weight_decay, momentum, dampening;
+  float lr, weight_decay, momentum, one_minus_dampening;  // 1 - dampening rounded once, from double
   bool nesterov, first, use_momentum;
 };
 
@@ -83,15 +98,19 @@ LA_HD float sgd(const Sgd& h, float w, float d, float* buf) {
   // selects, not branches: every path loads and stores *buf, so the CPU loop vectorizes
   // (a conditional store would block it); buf must point at writable memory even
   // without momentum (the kernels pass a register / a dummy then).
-  d = sel(h.weight_decay != 0.0f, d + h.weight_decay * w, d);
+  d = sel(h.weight_decay != 0.0f, fma_rn(h.weight_decay, w, d), d);
   const float old = *buf;
-  const float b = sel(h.first, d, h.momentum * old + (1.0f - h.dampening) * d);
+  const float b = sel(h.first, d, fma_rn(h.one_minus_dampening, d, h.momentum * old));
   *buf = sel(h.use_momentum, b, old);
-  d = sel(h.use_momentum, sel(h.nesterov, d + h.momentum * b, b), d);
-  return w + (-h.lr) * d;
+  d = sel(h.use_momentum, sel(h.nesterov, fma_rn(h.momentum, b, d), b), d);
+  return fma_rn(-h.lr, d, w);
 }
 
-// torch.optim.AdamW semantics (decoupled weight decay). decay = 1 - lr*wd,
+// torch.optim.AdamW (adam.py, single-tensor and foreach paths), op for op:
+// param.mul_(decay), exp_avg.lerp_(grad, 1-beta1), exp_avg_sq.mul_(beta2).addcmul_(grad, grad,
+// 1-beta2) (torch's addcmul: self + ((1-beta2) grad) grad, fused), denom = sqrt(s) / sqrt_bc2
+// + eps, param.addcdiv_(m, denom, -step_size) (torch's addcdiv: self + (-step_size m) / denom,
+// the product first: at |m| ~ 1e38 it overflows as torch's does). decay = 1 - lr*wd,
 // step_size = lr / (1 - beta1^t), sqrt_bc2 = sqrt(1 - beta2^t): computed on the host in
 // double, passed as floats, so the step count t is a runtime value.
 struct AdamW {
@@ -101,11 +120,11 @@ struct AdamW {
 LA_HD float adamw(const AdamW& h, float w, float d, float* m, float* s) {
   w = w * h.decay;
   float mn = lerp(*m, d, h.one_minus_beta1);
-  float sn = h.beta2 * (*s) + h.one_minus_beta2 * (d * d);
+  float sn = fma_rn(h.one_minus_beta2 * d, d, h.beta2 * (*s));
   *m = mn;
   *s = sn;
   float denom = sqrtf(sn) / h.sqrt_bc2 + h.eps;
-  return w + (-h.step_size) * (mn / denom);
+  return w + (-h.step_size * mn) / denom;
 }
 
 // ---------------------------------------------------------------- lookahead_sync_ (Alg. 1, l. 18)

@@ -19,7 +19,7 @@ inline Sgd make_sgd(at::ArrayRef<double> hyper, at::IntArrayRef flags, bool has_
   h.lr = static_cast<float>(hyper[0]);
   h.weight_decay = static_cast<float>(hyper[1]);
   h.momentum = static_cast<float>(hyper[2]);
-  h.dampening = static_cast<float>(hyper[3]);
+  h.one_minus_dampening = static_cast<float>(1.0 - hyper[3]);  // as torch's alpha=1-dampening
   h.nesterov = flags[0] != 0;
   h.first = flags[1] != 0;
   h.use_momentum = hyper[2] != 0.0;

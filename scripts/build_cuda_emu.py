@@ -77,7 +77,7 @@ def command(variant: str, out: str, src: str = SOURCE, csrc: str = CSRC) -> list
     cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-g0", "-fPIC", "-shared", "-w",
            # no interposition between the two variants' inline functions (different kChunk)
            "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-Wl,-Bsymbolic",
-           "-fsanitize=alignment", "-DNDEBUG",
+           "-fsanitize=alignment", "-DNDEBUG", "-ffp-contract=off",  # numeric policy
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-DLA_EMU_NS={ns}"]
     cmd += [f"-D{k}={v}" for k, v in defs.items()]
     cmd += ["-I", os.path.join(csrc, "emu", "include"), "-I", os.path.join(hip_cpu_dir(), "include"), "-I", csrc]

@@ -52,7 +52,10 @@ VIEW_SPECS = [("offset", (4099,)), ("t", (7, 5)), ("channels_last", (3, 4, 5, 6)
 # a tensor written in its own dtype; "reduce" a float32 reduction (dot products, norms);
 # "unscaled" values unscaled in place by nonfinite_; "exact" copies and flags.
 TOLS = {
-    # native: the kernels do the reference's fp32 operations, up to FMA contraction and order;
+    # native: the kernels do the reference's fp32 operations in its order and with its fused
+    # multiply-adds (docs/tolerances.md, "Numeric policy"; bitwise on CPU, test_numeric_policy.py,
+    # but for AdamW's sqrt: torch's is not correctly rounded); the CUDA reference orders a few ops
+    # differently;
     # a value cast to bf16/fp16 may land one unit away at a rounding boundary; reductions sum
     # in double per chunk (the reference uses torch's fp32 cascade); one multiply is exact.
     "native": {

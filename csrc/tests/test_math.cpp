@@ -24,6 +24,16 @@ static void test_lerp_and_lookahead() {
   CHECK(la::lookahead(2.0f, 4.0f, 0.5f) == 3.0f);
 }
 
+// The numeric policy (docs/tolerances.md): torch's fused multiply-adds, and no other contraction.
+static void test_numeric_policy() {
+  CHECK(la::perturb(3e38f, -3e38f, 1.5f) == -INFINITY);  // scale * dir rounds (overflows) first
+  la::Sgd plain{2.0f, 0.0f, 0.0f, 1.0f, false, false, false};
+  float buf = 0.0f;
+  CHECK(la::sgd(plain, 3e38f, 3e38f, &buf) == -3e38f);  // w - lr d: one fused multiply-add, as torch's add(alpha=)
+  // lerp: a + w (b - a) in one rounding, as torch's lerp kernel (unfused: 0x1.e3073p-1)
+  CHECK(la::lerp(0x1.060d7cp-1f, 0x1.f35196p+0f, 0x1.333334p-2f) == 0x1.e30732p-1f);
+}
+
 static void test_finite() {
   CHECK(la::finite(1.0f) && la::finite(-0.0f) && la::finite(3.4e38f));
   CHECK(!la::finite(INFINITY) && !la::finite(-INFINITY) && !la::finite(NAN));
@@ -36,16 +46,16 @@ static void test_direction_and_v() {
 }
 
 static void test_sgd() {
-  la::Sgd h{0.1f, 0.1f, 0.9f, 0.0f, true, false, true};
+  la::Sgd h{0.1f, 0.1f, 0.9f, 1.0f, true, false, true};
   float buf = 0.5f;
   const float w = la::sgd(h, 1.0f, 1.0f, &buf);
   const float d = 1.0f + 0.1f * 1.0f, b = 0.9f * 0.5f + d;
   CHECK(close(buf, b));
   CHECK(close(w, 1.0f - 0.1f * (d + 0.9f * b)));
-  la::Sgd first{0.1f, 0.0f, 0.9f, 0.3f, false, true, true};
+  la::Sgd first{0.1f, 0.0f, 0.9f, 0.7f, false, true, true};
   buf = 123.0f;
   CHECK(close(la::sgd(first, 1.0f, 2.0f, &buf), 0.8f) && buf == 2.0f);  // buffer starts at d
-  la::Sgd plain{0.5f, 0.0f, 0.0f, 0.0f, false, false, false};
+  la::Sgd plain{0.5f, 0.0f, 0.0f, 1.0f, false, false, false};
   buf = 7.0f;
   CHECK(la::sgd(plain, 1.0f, 2.0f, &buf) == 0.0f && buf == 7.0f);
 }
@@ -101,6 +111,7 @@ static void test_conversions() {
 
 int main() {
   test_lerp_and_lookahead();
+  test_numeric_policy();
   test_finite();
   test_direction_and_v();
   test_sgd();

@@ -8,6 +8,10 @@ Precision rule shared by every backend: arithmetic happens in the dtype of the
 optimizer state ("compute dtype"): float32 for float32/bfloat16/float16 parameters,
 float64 for float64 parameters. Low-precision inputs are upcast on load and results
 are cast once on store.
+
+Numeric policy (docs/tolerances.md): each formula is evaluated in the order of torch's own
+optimizers, with torch's ops, so a fused multiply-add happens exactly where torch's CPU
+kernels have one (add with alpha, lerp, addcmul); the fused backends spell those out.
 """
 from __future__ import annotations
 
@@ -70,11 +74,10 @@ def perturb_(out: TensorList, base: TensorList, direction: TensorList, scale,
         base = backup
     b = _up(base, cdt)
     d = _up(direction, cdt)
-    if isinstance(scale, Tensor):
-        scaled = torch._foreach_mul(d, scale.reshape(()).to(cdt))
-        res = torch._foreach_add(b, scaled)
-    else:
-        res = torch._foreach_add(b, d, alpha=float(scale))
+    # scale * direction rounded, then added (numeric policy, docs/tolerances.md): one formula
+    # for a float and a tensor scale (add with alpha= would be a fused multiply-add)
+    s = scale.reshape(()).to(cdt) if isinstance(scale, Tensor) else float(scale)
+    res = torch._foreach_add(b, torch._foreach_mul(d, s))
     torch._foreach_copy_(list(out), res)
 
 
