@@ -84,14 +84,18 @@ def probes(optimizer, scaler) -> Iterator:
     compute the loss, call ``scaler.scale(loss).backward()`` and set ``probe.loss = loss``.
     Call ``scaler.update()`` after the loop. Breaking out early abandons the step (the
     weights are restored) and records nothing in the scaler."""
-    if not hasattr(optimizer, "register_grad_unscaler"):
-        raise TypeError("lookahead_ext.amp.probes needs a probe optimizer (CMLR, SAM, ...); "
-                        "for torch optimizers and Lookahead use scaler.step(optimizer)")
+    core = optimizer  # the probe optimizer itself, or the one a Lookahead wraps
+    while not hasattr(core, "register_grad_unscaler") and hasattr(core, "optimizer"):
+        core = core.optimizer
+    if not (hasattr(core, "register_grad_unscaler") and hasattr(optimizer, "probes")):
+        raise TypeError("lookahead_ext.amp.probes needs a probe optimizer (CMLR, SAM, ...) or a "
+                        "Lookahead around one; for torch optimizers (and Lookahead around them) "
+                        "use scaler.step(optimizer)")
     enabled = scaler is not None and scaler.is_enabled()
-    skipped0 = optimizer.num_skipped
+    skipped0 = core.num_skipped
     it = optimizer.probes()
     # each probe's gradients are unscaled by 1/scale in the optimizer's fused check
-    handle = optimizer.register_grad_unscaler(lambda opt: inv_scale(scaler)) if enabled else None
+    handle = core.register_grad_unscaler(lambda opt: inv_scale(scaler)) if enabled else None
     finished = False
     try:
         while True:
@@ -109,7 +113,7 @@ def probes(optimizer, scaler) -> Iterator:
             handle.remove()
         if not finished:
             it.close()
-    _record(scaler, optimizer, optimizer.num_skipped != skipped0, _param_device(optimizer))
+    _record(scaler, optimizer, core.num_skipped != skipped0, _param_device(optimizer))
 
 
 def step(optimizer, scaler, closure: Callable):

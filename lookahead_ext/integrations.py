@@ -29,7 +29,7 @@ def probe_optimizer(optimizer):
     """The probe optimizer inside ``optimizer`` (itself, or the one a Lookahead or a
     framework's wrapper holds), or None."""
     while optimizer is not None:
-        if hasattr(optimizer, "probes"):
+        if hasattr(optimizer, "register_grad_unscaler"):  # not "probes": Lookahead delegates those
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     return None
@@ -188,7 +188,7 @@ class ProbeTrainerMixin:
                 with torch.enable_grad():
                     probe.loss = closure()
             _hand_over(scaler, opt, deferred)
-            loss = opt.last_loss
+            loss = probe_optimizer(opt).last_loss
         else:
             loss = opt.step(closure)
         return loss.detach() if loss is not None else torch.zeros((), device=self.args.device)

@@ -116,6 +116,21 @@ def test_fp16_gradscaler_is_bitwise_and_overflow_skips():
     assert trainer.lr_scheduler.last_epoch == 0  # scheduler not stepped on the skipped update
 
 
+def test_fp16_gradscaler_with_lookahead_around_a_probe_optimizer():
+    """la.Lookahead(SAM) under accelerate's fp16 scaler: the probes run through
+    amp.probes with the Lookahead counting applied steps; bitwise equal to the unscaled
+    run (slow-weight syncs included, k=2 over 3 steps), and an overflow leaves the cycle."""
+    make = lambda p: la.Lookahead(la.SAM(p, lr=0.05), k=2)  # noqa: E731
+    ref, ref_opt, _ = train(make, steps=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    got, opt, _ = train(make, steps=3, scaler=scaler)
+    assert all(torch.equal(a, b) for a, b in zip(weights(ref), weights(got)))
+    assert opt.cycle_position == ref_opt.cycle_position == 1
+    big = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    _, opt, _ = train(make, steps=1, scaler=big, data=dataset(offset=100.0))
+    assert opt.optimizer.num_skipped == 1 and opt.cycle_position == 0
+
+
 def test_max_grad_norm_clips_and_is_logged():
     """TrainingArguments.max_grad_norm clips every probe inside the step (the same as the
     optimizer's own max_grad_norm in a plain loop) and the logged grad_norm is the step's

@@ -87,12 +87,35 @@ class Lookahead(SlowWeightsMixin, Optimizer):
             loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         finally:
             self._stepping = False
-        if applied is not None and self.optimizer.num_steps == applied:
-            return loss  # the base optimizer skipped the update: the cycle does not advance
+        if applied is None or self.optimizer.num_steps != applied:
+            self._advance()  # else the base optimizer skipped the update: the cycle stays
+        return loss
+
+    def probes(self):
+        """Call-by-call API of a probe optimizer inside (see its ``probes()``, and
+        :func:`lookahead_ext.amp.probes` under a GradScaler): the cycle advances, and syncs
+        after the k-th step, when the loop ends with an applied step, as after ``step()``.
+        Abandoning the loop, or a skipped update, leaves the cycle as it was."""
+        inner = self.optimizer
+        if not hasattr(inner, "probes"):
+            raise TypeError(f"Lookahead.probes() needs a probe optimizer inside (CMLR, SAM, ...), "
+                            f"not {type(inner).__name__}: use step()")
+        if self._stepping:
+            raise RuntimeError("Lookahead.probes() was called while a step is in progress")
+        self._sync_plan()
+        applied = inner.num_steps
+        self._stepping = True
+        try:
+            yield from inner.probes()
+        finally:
+            self._stepping = False
+        if inner.num_steps != applied:
+            self._advance()
+
+    def _advance(self) -> None:
         self._counter += 1
         if self._counter >= self.k:
             self._sync_now()
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
