@@ -38,6 +38,13 @@ class BatchNormProbeMode:
     during it) the flags are restored. No forward hooks, so a ``torch.compile``d model sees
     just two variants of each BatchNorm layer (tracking or not) and never recompiles beyond
     them.
+
+    Args:
+        model: the module whose ``_BatchNorm`` layers (``nn.SyncBatchNorm`` included) are
+            governed.
+        optimizer: the probe optimizer whose probes are watched.
+        mode: ``"first"`` (default: only each step's first evaluation updates the running
+            stats), ``"never"`` or ``"always"`` (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, optimizer, mode: str = "first"):

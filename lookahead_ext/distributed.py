@@ -94,8 +94,14 @@ def all_reduce_probe_grads(params, loss=None, group=None, average: bool = True):
 class DistributedProbes:
     """Runs a probe optimizer's steps data-parallel (see the module docstring).
 
-    ``model``: the DDP-wrapped model (anything with ``no_sync()``; None for a model whose
-    gradients are not synchronised by a wrapper). ``group``: the process group.
+    Args:
+        optimizer: a probe optimizer (CMLR, SAM, ... or a :class:`lookahead_ext.Lookahead`
+            around one); a probe hook is registered on it (``remove()`` unregisters it).
+        model: the DDP-wrapped model (anything with ``no_sync()``), or None for a model whose
+            gradients are not synchronised by a wrapper.
+        group: the process group (default: the world).
+        average: all-reduce each probe's gradients and loss as the mean over ranks (True) or
+            their sum (False).
     """
 
     def __init__(self, optimizer, model=None, group=None, average: bool = True):
@@ -185,6 +191,11 @@ class DistributedBio:
     Only the list-of-source-batches form of ``step`` is supported (not ``source_ids=``).
     Collectives: one all-reduce per parameter per backward (not coalesced) and one scalar
     all-reduce per source batch forward.
+
+    Args:
+        bio: the :class:`lookahead_ext.LookaheadBio` to run data-parallel (its model not
+            wrapped in DDP).
+        group: the process group (default: the world).
     """
 
     def __init__(self, bio, group=None):
@@ -254,6 +265,11 @@ class FSDPProbes:
     all-reduces the squared norms computed on the local shards, so ||v||, ||g+||, ||g-||
     are global. ``remove()`` unregisters both.
     Only the ``step``/``probes`` of this object go through FSDP2 correctly.
+
+    Args:
+        optimizer: a probe optimizer built over :func:`local_shards` of the model.
+        model: the ``fully_shard``-ed model.
+        group: the process group (default: the world).
     """
 
     def __init__(self, optimizer, model, group=None):

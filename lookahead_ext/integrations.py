@@ -51,7 +51,12 @@ class DeferredStep(Optimizer):
     :class:`ProbeTrainerMixin` does while it saves a checkpoint whose model file holds the
     slow weights), ``state_dict()`` carries them under "fast_weights" and
     ``load_state_dict`` copies them back into the parameters, so that a run resumed from
-    that checkpoint continues from the exact fast weights."""
+    that checkpoint continues from the exact fast weights.
+
+    Args:
+        optimizer: the probe optimizer (or a :class:`lookahead_ext.Lookahead` around one) to
+            wrap.
+    """
 
     def __init__(self, optimizer: Optimizer):
         self.optimizer = optimizer
