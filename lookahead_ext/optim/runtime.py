@@ -449,7 +449,12 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                             weight_decay=g["weight_decay"], momentum=g["momentum"],
                             dampening=g["dampening"], nesterov=g["nesterov"],
                             beta1=betas[0], beta2=betas[1], eps=g["eps"])
-        for base, idx in per_parameter_steps(states, template):
+        ages = per_parameter_steps(states, template)
+        # Mixed ages split the bucket: a fused ||v||^2 would sum per age group, and differ in
+        # the last bit from the multi_dot pass over the bucket that the next step runs when
+        # it has no carried value (after load_state_dict or a copy). Take that pass here.
+        split_sq = v_sq_out is not None and len(ages) > 1
+        for base, idx in ages:
             sel = (lambda lst: lst) if idx is None else \
                 (lambda lst: None if lst is None else [lst[i] for i in idx])  # noqa: E731
             params, pstates = sel(b.params), sel(states)
@@ -458,8 +463,11 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 self._record_direction(params, sgrads, coefs)
             base_step_(params, sel(b.masters), sgrads, coefs, base,
                        state_buffers(params, pstates, base.state_names()), sel(v), v_coefs,
-                       v_sq_out=v_sq_out, write_masters=b.low_precision, backend=backend)
+                       v_sq_out=None if split_sq else v_sq_out, write_masters=b.low_precision,
+                       backend=backend)
             advance_steps(pstates, base)
+        if split_sq:
+            v_sq_out.add_(global_sq([[v]], [(0, 0)], backend))
         if not b.low_precision:
             b.synced = False
 
