@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Iterator, Optional
 
 import torch
@@ -11,12 +13,14 @@ from torch.optim import Optimizer
 
 from ..ops.base_step import BaseStep
 from ..ops.plan_lists import PlanList, new_epoch
-from ._buckets import Bucket, make_buckets, param_signature, trainable
+from ._buckets import Bucket, make_buckets, param_signature, state_dtype, trainable
 from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow
 from .diagnostics import CosineTracking
 from .groups import (advance_steps, base_step_, global_sq, inv_norm, per_parameter_steps,
                      state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
+from .checkpoint import (check_counter, check_layout, check_writer, checked_state,
+                         checked_tensors, merged_groups, refuse, run_hooks)
 from .hooks import ProbeHooks
 from .validation import check_real_params, validate_group
 from .. import ops
@@ -533,32 +537,50 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             self._init_hooks()                        # also comes here: keep its hooks)
 
     def state_dict(self) -> dict:
+        """torch.optim's "state" and "param_groups" plus a "lookahead_ext" entry: the
+        writer's class name, the engine counters (cycle position, steps, evaluations, skips),
+        the slow weights by parameter index and the cosine history. ``backend`` stays in
+        the groups as a record of the run; :meth:`load_state_dict` ignores it."""
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        sd[ENGINE_KEY] = dict(engine=dict(self._engine),
+        sd[ENGINE_KEY] = dict(optimizer=type(self).__name__, engine=dict(self._engine),
                               slow={index[id(p)]: s.clone() for p, s in self._slow.items()},
                               cosine_history=list(self.cosine_history))
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict; tensors keep their saved dtype (fp32 state of bf16/fp16
-        params stays fp32, unlike torch.optim's cast to the parameter dtype)."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(ENGINE_KEY, None)
-        saved_state = state_dict.get("state", {})
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-        params = [p for g in self.param_groups for p in g["params"]]
-        self.state.clear()
+        """Load a state dict written by ``state_dict()`` of the same class, for the same
+        parameter layout (groups, sizes, shapes); checked first (checkpoint.py): a refused
+        one raises StateDictError (a ValueError) and changes nothing. The hyperparameters
+        come from the state dict, ``backend`` stays this optimizer's. Tensors go to the
+        parameter's device in its state dtype (fp32 for bf16/fp16 parameters, unlike
+        torch.optim's cast to the parameter dtype)."""
+        owner = type(self).__name__
+        state_dict = run_hooks(self, state_dict)
+        ids = check_layout(owner, state_dict, self.param_groups)
+        extra = check_writer(owner, state_dict, ENGINE_KEY, owner)
+        groups = merged_groups(owner, state_dict["param_groups"], self.param_groups, self._validate)
 
         def move(x, p):
-            return x.detach().clone().to(p.device) if isinstance(x, Tensor) else x
+            if not isinstance(x, Tensor):
+                return x
+            dt = state_dtype(p.dtype) if x.is_floating_point() else x.dtype
+            return x.detach().to(device=p.device, dtype=dt, copy=True)
 
-        for i, st in saved_state.items():
-            p = params[int(i)]
-            self.state[p] = {key: move(val, p) for key, val in st.items()}
-        if extra is not None:
-            self._engine = dict(extra["engine"])
-            self._slow = {params[int(i)]: move(s, params[int(i)]) for i, s in extra["slow"].items()}
-            self.cosine_history = list(extra.get("cosine_history", []))
+        state = checked_state(owner, ids, state_dict["state"], move)
+        slow = checked_tensors(owner, ids, extra.get("slow", {}), "slow weights", move) \
+            if self.lookahead else {}
+        engine = extra.get("engine")
+        if not isinstance(engine, Mapping) or set(self._engine) - set(engine):
+            refuse(owner, f"the state dict's engine counters must be a dict with keys {sorted(self._engine)}")
+        check_counter(owner, "cycle position", engine["k"], groups[0]["k"] if self.lookahead else 1)
+        # commit: nothing below raises
+        self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
+        self._engine = dict(engine)
+        self._slow = slow
+        self.cosine_history = list(extra.get("cosine_history", []))
         self._scratch = {}
         self._plan = None  # low-precision masters live in the state
+        if "_v_sq" in self.__dict__:  # the carried ||v||^2 was of the old v tensors
+            self._v_sq = None
+        run_hooks(self, None, post=True)
