@@ -97,12 +97,12 @@ def check_writer(owner: str, state_dict: Mapping, key: str, name: str, hint: str
 
 def _same_shape(owner: str, what: str, p: Tensor, pos: int, value) -> None:
     if not isinstance(value, Tensor):
-        refuse(owner, f"{describe(p, pos)}: {what} is a {type(value).__name__}, not a tensor")
+        refuse(owner, f"{describe(p, pos)}: the state dict's {what} are a {type(value).__name__}, not a tensor")
     if tuple(value.shape) != tuple(p.shape):
-        refuse(owner, f"{describe(p, pos)}: {what} in the state dict has shape "
+        refuse(owner, f"{describe(p, pos)}: the state dict's {what} are of shape "
                       f"{tuple(value.shape)} (a checkpoint of another model?)")
     if not value.is_floating_point():
-        refuse(owner, f"{describe(p, pos)}: {what} in the state dict is {value.dtype}, not floating point")
+        refuse(owner, f"{describe(p, pos)}: the state dict's {what} are {value.dtype}, not floating point")
 
 
 def check_like(owner: str, what: str, like, got) -> None:
@@ -136,7 +136,7 @@ def checked_state(owner: str, ids: dict, saved_state, move: Callable) -> dict:
             refuse(owner, f"{describe(p, pos)}: its state must be a dict, got {type(st).__name__}")
         for key, val in st.items():
             if isinstance(val, Tensor) and val.dim() > 0:
-                _same_shape(owner, f"state {key!r}", p, pos, val)
+                _same_shape(owner, f"state {key!r} values", p, pos, val)
         out[p] = {key: move(val, p) for key, val in st.items()}
     return out
 
