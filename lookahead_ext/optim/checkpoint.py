@@ -7,6 +7,8 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
+from ._buckets import state_dtype
+
 #: Param-group keys that belong to the running optimizer, not to the checkpoint:
 #: ``state_dict`` writes them (a record of the run that saved it), ``load_state_dict``
 #: keeps the optimizer's own (a "cuda" checkpoint loads on a CPU machine).
@@ -20,6 +22,16 @@ class StateDictError(ValueError):
 def refuse(owner: str, why: str):
     raise StateDictError(f"{owner}.load_state_dict: {why}. Nothing was loaded: the optimizer "
                          "is unchanged.")
+
+
+def to_param(x, p: Tensor):
+    """The optimizer's copy of a saved value of parameter ``p``: a tensor on p's device in
+    p's state dtype (fp32 for bf16/fp16 parameters: torch.optim's cast to the parameter
+    dtype would lose the fp32 masters; integer tensors keep theirs), anything else as is."""
+    if not isinstance(x, Tensor):
+        return x
+    dt = state_dtype(p.dtype) if x.is_floating_point() else x.dtype
+    return x.detach().to(device=p.device, dtype=dt, copy=True)
 
 
 def describe(p: Tensor, i: int) -> str:
@@ -123,10 +135,10 @@ def _param_of(owner: str, ids: dict, i, what: str):
     return ids[i]
 
 
-def checked_state(owner: str, ids: dict, saved_state, move: Callable) -> dict:
+def checked_state(owner: str, ids: dict, saved_state, move: Callable = to_param) -> dict:
     """{parameter: its state} from the state dict's "state": every tensor of a parameter's
     state that is not a scalar has the parameter's shape; ``move(value, p)`` makes the
-    optimizer's copy (e.g. on the parameter's device)."""
+    optimizer's copy."""
     if not isinstance(saved_state, Mapping):
         refuse(owner, "'state' of the state dict must be a dict {parameter id: state}")
     out = {}
@@ -141,7 +153,7 @@ def checked_state(owner: str, ids: dict, saved_state, move: Callable) -> dict:
     return out
 
 
-def checked_tensors(owner: str, ids: dict, saved, what: str, move: Callable) -> dict:
+def checked_tensors(owner: str, ids: dict, saved, what: str, move: Callable = to_param) -> dict:
     """{parameter: tensor} from a {parameter id: tensor} entry (e.g. slow weights), each of
     the parameter's shape."""
     if not isinstance(saved, Mapping):

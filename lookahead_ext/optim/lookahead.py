@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._buckets import LOW_PRECISION, param_signature, state_dtype, trainable
+from ._buckets import LOW_PRECISION, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
 from .checkpoint import (check_counter, check_layout, check_writer, checked_tensors, refuse,
                          run_hooks)
@@ -150,9 +150,7 @@ class Lookahead(SlowWeightsMixin, Optimizer):
         except ValueError as e:
             refuse(owner, f"the state dict's {e}")
         check_counter(owner, "cycle position", la.get("counter"), la["k"])
-        slow = checked_tensors(owner, ids, la.get("slow", {}), "slow weights",
-                               lambda t, p: t.detach().to(device=p.device, dtype=state_dtype(p.dtype),
-                                                          copy=True))
+        slow = checked_tensors(owner, ids, la.get("slow", {}), "slow weights")
         self.optimizer.load_state_dict(base)  # checks its own part first, or changes nothing
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from ..ops.base_step import BaseStep
 from ..ops.plan_lists import PlanList, new_epoch
-from ._buckets import Bucket, make_buckets, param_signature, state_dtype, trainable
+from ._buckets import Bucket, make_buckets, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow
 from .diagnostics import CosineTracking
@@ -560,15 +560,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         ids = check_layout(owner, state_dict, self.param_groups)
         extra = check_writer(owner, state_dict, ENGINE_KEY, owner)
         groups = merged_groups(owner, state_dict["param_groups"], self.param_groups, self._validate)
-
-        def move(x, p):
-            if not isinstance(x, Tensor):
-                return x
-            dt = state_dtype(p.dtype) if x.is_floating_point() else x.dtype
-            return x.detach().to(device=p.device, dtype=dt, copy=True)
-
-        state = checked_state(owner, ids, state_dict["state"], move)
-        slow = checked_tensors(owner, ids, extra.get("slow", {}), "slow weights", move) \
+        state = checked_state(owner, ids, state_dict["state"])
+        slow = checked_tensors(owner, ids, extra.get("slow", {}), "slow weights") \
             if self.lookahead else {}
         engine = extra.get("engine")
         if not isinstance(engine, Mapping) or set(self._engine) - set(engine):
