@@ -45,7 +45,7 @@ def run_hooks(opt, state_dict, post: bool = False):
         for hook in opt._optimizer_load_state_dict_post_hooks.values():
             hook(opt)
         return None
-    state_dict = state_dict.copy() if isinstance(state_dict, Mapping) else state_dict
+    state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
     for hook in opt._optimizer_load_state_dict_pre_hooks.values():
         out = hook(opt, state_dict)
         if out is not None:
