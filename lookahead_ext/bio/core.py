@@ -18,7 +18,8 @@ from .. import ops
 from ..ops.base_step import ADAMW, SGD, BaseStep
 from ..ops.reference import compute_dtype
 from ..optim.groups import KindGroups, base_step_, sync_slow_
-from ..optim.validation import BIO_RULES, check_values
+from ..optim.checkpoint import check_counter, check_like, refuse
+from ..optim.validation import BIO_RULES, check_k, check_range, check_values
 
 __all__ = ["LookaheadBio"]
 
@@ -61,8 +62,24 @@ class _Level:
                 "tensors": [t.detach().clone() for t in self.tensors],
                 "state": {k: [t.clone() for t in v] for k, v in self.state.items()}}
 
+    def check_state_dict(self, owner: str, name: str, sd) -> None:
+        """Refuse (checkpoint.refuse) a level state dict of another layout or base step."""
+        if not isinstance(sd, dict) or {"steps", "masters", "tensors", "state"} - set(sd):
+            refuse(owner, f"the state dict's {name!r} entry is not a LookaheadBio level "
+                          "(steps, masters, tensors, state)")
+        check_counter(owner, f"{name} steps", sd["steps"], float("inf"))
+        check_like(owner, f"{name} tensors", self.tensors, sd["tensors"])
+        check_like(owner, f"{name} masters", self.masters, sd["masters"])
+        if not isinstance(sd["state"], dict) or set(sd["state"]) != set(self.state):
+            got = sorted(sd["state"]) if isinstance(sd["state"], dict) else type(sd["state"]).__name__
+            refuse(owner, f"the state dict's {name} optimizer state is {got}, this LookaheadBio's "
+                          f"{self.base.kind} step keeps {sorted(self.state)} (another base?)")
+        for key, v in self.state.items():
+            check_like(owner, f"{name} state {key!r}", v, sd["state"][key])
+
     @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
+        """Copy a checked (check_state_dict) level state dict in."""
         self.steps = int(sd["steps"])
         for dst, src in zip(self.tensors, sd["tensors"]):
             dst.copy_(src)
@@ -590,21 +607,46 @@ class LookaheadBio:
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict) -> None:
+        """Load a state dict written by ``state_dict()`` of a LookaheadBio with the same
+        sources, parameters (shapes), base steps and ``u_sync``; k, beta_w, beta_lam and
+        alpha come from it, ``backend`` stays this one's. Checked first (checkpoint.py): a
+        refused one raises StateDictError (a ValueError) and changes nothing."""
+        owner = "LookaheadBio"
+        keys = {"w", "u", "lam", "slow_w", "slow_u", "slow_lam", "counter", "step", "calls",
+                "gen", "history", "config"}
+        if not isinstance(sd, dict) or keys - set(sd):
+            got = sorted(keys - set(sd)) if isinstance(sd, dict) else type(sd).__name__
+            refuse(owner, f"not a LookaheadBio state dict (missing {got})")
         cfg = sd["config"]
-        if cfg["m"] != self.m or cfg["n_params"] != len(self.params):
-            raise ValueError("state_dict is for a different number of sources or parameters")
-        shapes = [tuple(t.shape) for t in sd["w"]["tensors"]]
-        if shapes != [tuple(p.shape) for p in self.params]:
-            raise ValueError("state_dict parameter shapes do not match the trained parameters")
+        if cfg.get("m") != self.m:
+            refuse(owner, f"the state dict is for {cfg.get('m')} sources, this LookaheadBio has {self.m}")
+        if cfg.get("n_params") != len(self.params):
+            refuse(owner, f"the state dict is for {cfg.get('n_params')} parameters, this LookaheadBio "
+                          f"trains {len(self.params)}")
+        for name, level in (("w", self._w), ("u", self._u), ("lam", self._lam)):
+            level.check_state_dict(owner, name, sd[name])
+        check_like(owner, "slow_w", self._slow_w, sd["slow_w"])
+        if len(sd["slow_u"]) != len(self._slow_u):
+            refuse(owner, f"the state dict was written with u_sync={bool(sd['slow_u'])}, this "
+                          f"LookaheadBio has u_sync={self.u_sync}")
+        check_like(owner, "slow_u", self._slow_u, sd["slow_u"])
+        check_like(owner, "slow_lam", self._slow_lam, [sd["slow_lam"]])
+        try:
+            check_k(cfg.get("k"))
+            for name in ("beta_w", "beta_lam"):
+                check_range(name, cfg.get(name), 0.0, 1.0, lo_open=True)
+            check_range("alpha", cfg.get("alpha"), 0.0, math.inf, lo_open=True, hi_open=True)
+        except ValueError as e:
+            refuse(owner, f"the state dict's {e}")
+        check_counter(owner, "cycle position", sd["counter"], cfg["k"])
+        if not isinstance(sd["gen"], Tensor) or sd["gen"].dtype != torch.uint8:
+            refuse(owner, "the state dict's sampling generator state is not a uint8 tensor")
+        # commit: nothing below raises
         self.k, self.beta_w, self.beta_lam, self.alpha = cfg["k"], cfg["beta_w"], cfg["beta_lam"], cfg["alpha"]
         self._w.load_state_dict(sd["w"])
         self._u.load_state_dict(sd["u"])
         self._lam.load_state_dict(sd["lam"])
-        for dst, src in zip(self._slow_w, sd["slow_w"]):
-            dst.copy_(src)
-        if len(sd.get("slow_u", [])) != len(self._slow_u):
-            raise ValueError("state_dict and this LookaheadBio disagree on u_sync")
-        for dst, src in zip(self._slow_u, sd.get("slow_u", [])):
+        for dst, src in zip(self._slow_w + self._slow_u, list(sd["slow_w"]) + list(sd["slow_u"])):
             dst.copy_(src)
         self._slow_lam[0].copy_(sd["slow_lam"])
         self._counter, self._step, self._calls = sd["counter"], sd["step"], sd["calls"]

@@ -1,13 +1,14 @@
 """Lookahead (Zhang et al. 2019) around any torch optimizer, with fused slow/fast sync."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ._buckets import LOW_PRECISION, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow, join_slow
+from .checkpoint import (check_counter, check_layout, check_writer, checked_tensors, refuse,
+                         run_hooks)
 from .groups import KindGroups, sync_slow_
 from .validation import check_backend, check_k, check_range
 
@@ -154,24 +155,47 @@ class Lookahead(SlowWeightsMixin, Optimizer):
         self._counter = 0
 
     # ------------------------------------------------------------------ state dict
+    def _name(self) -> str:
+        return f"Lookahead({type(self.optimizer).__name__})"
+
     def state_dict(self) -> dict:
         """The base optimizer's state dict (standard "state"/"param_groups" keys, so tools
-        that inspect it keep working) plus a "lookahead" entry: k, alpha, cycle position
-        and the slow weights."""
+        that inspect it keep working) plus a "lookahead" entry: the writer's name
+        (``Lookahead(SGD)``), k, alpha, cycle position and the slow weights."""
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         sd = dict(self.optimizer.state_dict())
-        sd[_KEY] = {"k": self.k, "alpha": self.alpha, "counter": self._counter,
+        sd[_KEY] = {"optimizer": self._name(), "k": self.k, "alpha": self.alpha,
+                    "counter": self._counter,
                     "slow": {index[id(p)]: s.clone() for p, s in self._slow.items()}}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        la = state_dict.pop(_KEY)
-        self.optimizer.load_state_dict(state_dict.pop("base", state_dict))
+        """Load a state dict written by ``state_dict()`` of a Lookahead around the same kind
+        of optimizer, for the same parameter layout. Checked first (checkpoint.py): a
+        refused one raises StateDictError (a ValueError) and changes nothing; the base
+        optimizer's own part is then loaded by its ``load_state_dict``. ``backend`` stays
+        this wrapper's. A plain checkpoint of the base optimizer (no "lookahead" entry) is
+        refused: load it with ``opt.optimizer.load_state_dict(sd)`` to start a new cycle
+        from it."""
+        owner = name = self._name()
+        state_dict = run_hooks(self, state_dict)
+        la = check_writer(owner, state_dict, _KEY, name,
+                          hint="to start a new Lookahead cycle from a checkpoint of the base "
+                               "optimizer alone, load it with `opt.optimizer.load_state_dict(sd)`")
+        base = {key: v for key, v in state_dict.items() if key != _KEY}
+        base = base.get("base", base)
+        ids = check_layout(owner, base, self.param_groups)
+        try:
+            check_k(la.get("k"))
+            check_range("alpha", la.get("alpha"), 0.0, 1.0, lo_open=True)
+        except ValueError as e:
+            refuse(owner, f"the state dict's {e}")
+        check_counter(owner, "cycle position", la.get("counter"), la["k"])
+        slow = checked_tensors(owner, ids, la.get("slow", {}), "slow weights")
+        self.optimizer.load_state_dict(base)  # checks its own part first, or changes nothing
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         self.k, self.alpha, self._counter = la["k"], la["alpha"], la["counter"]
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._slow = {params[int(i)]: s.detach().clone().to(params[int(i)].device)
-                      for i, s in la["slow"].items()}
+        self._slow = slow
         self._plan = None
+        run_hooks(self, None, post=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Iterator, Optional
 
 import torch
@@ -18,6 +20,8 @@ from ._slow import SlowWeightsMixin, init_slow, join_slow
 from .diagnostics import CosineTracking
 from .groups import (advance_steps, base_step_, global_sq, inv_norm, per_parameter_steps,
                      state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
+from .checkpoint import (check_counter, check_layout, check_writer, checked_state,
+                         checked_tensors, merged_groups, refuse, run_hooks)
 from .hooks import ProbeHooks
 from .validation import FAMILY_RULES, check_groups, check_real_params, validate_group
 from .. import ops
@@ -583,7 +587,12 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                             weight_decay=g["weight_decay"], momentum=g["momentum"],
                             dampening=g["dampening"], nesterov=g["nesterov"],
                             beta1=betas[0], beta2=betas[1], eps=g["eps"])
-        for base, idx in per_parameter_steps(states, template):
+        ages = per_parameter_steps(states, template)
+        # Mixed ages split the bucket: a fused ||v||^2 would sum per age group, and differ in
+        # the last bit from the multi_dot pass over the bucket that the next step runs when
+        # it has no carried value (after load_state_dict or a copy). Take that pass here.
+        split_sq = v_sq_out is not None and len(ages) > 1
+        for base, idx in ages:
             sel = (lambda lst: lst) if idx is None else \
                 (lambda lst: None if lst is None else [lst[i] for i in idx])  # noqa: E731
             params, pstates = sel(b.params), sel(states)
@@ -592,8 +601,11 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 self._record_direction(params, sgrads, coefs)
             base_step_(params, sel(b.masters), sgrads, coefs, base,
                        state_buffers(params, pstates, base.state_names()), sel(v), v_coefs,
-                       v_sq_out=v_sq_out, write_masters=b.low_precision, backend=backend)
+                       v_sq_out=None if split_sq else v_sq_out, write_masters=b.low_precision,
+                       backend=backend)
             advance_steps(pstates, base)
+        if split_sq:
+            v_sq_out.add_(global_sq([[v]], [(0, 0)], backend))
         if not b.low_precision:
             b.synced = False
 
@@ -666,32 +678,43 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             self._init_hooks()                        # also comes here: keep its hooks)
 
     def state_dict(self) -> dict:
+        """torch.optim's "state" and "param_groups" plus a "lookahead_ext" entry: the
+        writer's class name, the engine counters (cycle position, steps, evaluations, skips),
+        the slow weights by parameter index and the cosine history. ``backend`` stays in
+        the groups as a record of the run; :meth:`load_state_dict` ignores it."""
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        sd[ENGINE_KEY] = dict(engine=dict(self._engine),
+        sd[ENGINE_KEY] = dict(optimizer=type(self).__name__, engine=dict(self._engine),
                               slow={index[id(p)]: s.clone() for p, s in self._slow.items()},
                               cosine_history=list(self.cosine_history))
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict; tensors keep their saved dtype (fp32 state of bf16/fp16
-        params stays fp32, unlike torch.optim's cast to the parameter dtype)."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(ENGINE_KEY, None)
-        saved_state = state_dict.get("state", {})
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-        params = [p for g in self.param_groups for p in g["params"]]
-        self.state.clear()
-
-        def move(x, p):
-            return x.detach().clone().to(p.device) if isinstance(x, Tensor) else x
-
-        for i, st in saved_state.items():
-            p = params[int(i)]
-            self.state[p] = {key: move(val, p) for key, val in st.items()}
-        if extra is not None:
-            self._engine = dict(extra["engine"])
-            self._slow = {params[int(i)]: move(s, params[int(i)]) for i, s in extra["slow"].items()}
-            self.cosine_history = list(extra.get("cosine_history", []))
+        """Load a state dict written by ``state_dict()`` of the same class, for the same
+        parameter layout (groups, sizes, shapes); checked first (checkpoint.py): a refused
+        one raises StateDictError (a ValueError) and changes nothing. The hyperparameters
+        come from the state dict, ``backend`` stays this optimizer's. Tensors go to the
+        parameter's device in its state dtype (fp32 for bf16/fp16 parameters, unlike
+        torch.optim's cast to the parameter dtype)."""
+        owner = type(self).__name__
+        state_dict = run_hooks(self, state_dict)
+        ids = check_layout(owner, state_dict, self.param_groups)
+        extra = check_writer(owner, state_dict, ENGINE_KEY, owner)
+        groups = merged_groups(owner, state_dict["param_groups"], self.param_groups, self._validate)
+        state = checked_state(owner, ids, state_dict["state"])
+        slow = checked_tensors(owner, ids, extra.get("slow", {}), "slow weights") \
+            if self.lookahead else {}
+        engine = extra.get("engine")
+        if not isinstance(engine, Mapping) or set(self._engine) - set(engine):
+            refuse(owner, f"the state dict's engine counters must be a dict with keys {sorted(self._engine)}")
+        check_counter(owner, "cycle position", engine["k"], groups[0]["k"] if self.lookahead else 1)
+        # commit: nothing below raises
+        self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
+        self._engine = dict(engine)
+        self._slow = slow
+        self.cosine_history = list(extra.get("cosine_history", []))
         self._scratch = {}
         self._plan = None  # low-precision masters live in the state
+        if "_v_sq" in self.__dict__:  # the carried ||v||^2 was of the old v tensors
+            self._v_sq = None
+        run_hooks(self, None, post=True)
