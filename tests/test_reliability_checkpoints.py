@@ -259,7 +259,7 @@ def test_layout_and_hyperparameter_errors_are_refused_at_load():
     short = dict(sd, param_groups=[dict(sd["param_groups"][0], params=[0, 1, 2])])
     _refused(_cmlr, short, r"param group 0 has 3 parameter\(s\) in the state dict, 4 in this")
     bad_rho = dict(sd, param_groups=[dict(sd["param_groups"][0], rho=0.0)])
-    _refused(_cmlr, bad_rho, r"param group 0 of the state dict: rho must be in")
+    _refused(_cmlr, bad_rho, r"param group 0 of the state dict: rho must be a finite number in")
     engine = dict(sd["lookahead_ext"], engine=dict(sd["lookahead_ext"]["engine"], k=5))
     _refused(_cmlr, dict(sd, lookahead_ext=engine), r"cycle position is 5, not an integer in \[0, 3\)")
     stray = dict(sd, state={**sd["state"], 9: sd["state"][0]})

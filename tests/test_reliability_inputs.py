@@ -354,3 +354,34 @@ def test_engine_steps_pass_the_check():
             opt.step(_closure(m))
         assert opt.num_steps == 3, cls.__name__
     assert math.isfinite(float(m[0].weight.detach().sum()))
+
+
+def test_engine_checks_params_once_and_user_calls_always(monkeypatch):
+    """The runtime's own op calls skip the per-call check (trust_engine_calls); its
+    parameters are checked when the bucket plan is built; op calls from the closure are
+    checked during the step; overlapping parameters are refused before anything changes."""
+    from lookahead_ext.ops import helpers
+    seen = []
+    real = helpers.aliasing_errors
+    monkeypatch.setattr(helpers, "aliasing_errors", lambda op, *a: (seen.append(op), real(op, *a))[1])
+    import lookahead_ext.optim.runtime as runtime
+    monkeypatch.setattr(runtime, "aliasing_errors", helpers.aliasing_errors)
+    m = mlp()
+    opt = la.CMLR(m.parameters(), lr=0.1, k=2)
+    for _ in range(3):
+        opt.step(_closure(m))
+    assert seen == ["CMLR.step"]  # the plan, once; no per-call check of the engine's calls
+    x = torch.zeros(10)
+
+    def closure():
+        with pytest.raises(ValueError, match="share memory"):
+            ops.perturb_([x[1:]], [x[:-1]], [torch.ones(9)], 0.5)
+        return _closure(m)()
+    opt.step(closure)
+    assert seen.count("perturb_") == 2  # once per probe of this carried-v step (g+, g-)
+    flat = torch.zeros(10)
+    a, b = torch.nn.Parameter(flat[:6]), torch.nn.Parameter(flat[4:])
+    sam = la.SAM([a, b], lr=0.1)
+    with pytest.raises(ValueError, match=r"SAM.step: params\[0\] \(shape \(6,\)\) and params\[1\]"):
+        sam.step(lambda: (a.sum() + b.sum()).backward())
+    assert torch.equal(flat, torch.zeros(10)) and sam.num_evals == 0

@@ -1,6 +1,7 @@
 """Helpers shared by every backend of the fused ops: precision rule, argument checks (the aliasing rules among them), linear combinations."""
 from __future__ import annotations
 
+import threading
 from operator import add, attrgetter, is_, le
 from typing import Optional, Sequence
 
@@ -97,11 +98,32 @@ def _self_overlapping(t: Tensor) -> bool:
     return any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride()))
 
 
+_ENGINE = threading.local()
+
+
+def trust_engine_calls(on: bool) -> bool:
+    """Skip the aliasing check of this thread's op calls while ``on`` (returns the previous
+    setting). The probe runtime sets it around its own calls, never around user code: every
+    tensor those calls write is a parameter (checked once when its bucket plan is built) or
+    a buffer the optimizer allocated, so the per-call check would only cost host time
+    (several hundred us for 600 tiny tensors, more than the Triton launch-plan path)."""
+    prev = getattr(_ENGINE, "trusted", False)
+    _ENGINE.trusted = on
+    return prev
+
+
 def check_aliasing(op: str, written, read=()) -> None:
     """ValueError when the op's written tensors overlap each other or a read tensor, beyond
     the op's in-place pair (IN_PLACE). ``written`` / ``read``: (name, tensor list or None)
     pairs; a single tensor (a scalar argument) may stand for a list. Sorts all tensors by
     start address once: O(n log n) in their number, host-only."""
+    if getattr(_ENGINE, "trusted", False):
+        return  # the runtime's own calls (trust_engine_calls)
+    aliasing_errors(op, written, read)
+
+
+def aliasing_errors(op: str, written, read=()) -> None:
+    """check_aliasing, also for the runtime's own calls (e.g. its parameters, once per plan)."""
     if torch.compiler.is_compiling():  # traced: no addresses (the fake kernels check devices)
         return
     pair = IN_PLACE.get(op)

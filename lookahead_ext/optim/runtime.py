@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops.base_step import BaseStep
+from ..ops.helpers import aliasing_errors, trust_engine_calls
 from ..ops.plan_lists import PlanList, new_epoch
 from ._buckets import Bucket, make_buckets, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
@@ -228,9 +229,11 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     def _update(self) -> Iterator[Probe]:
         check_groups(self.param_groups, self._hyper_rules)  # edited since? refuse before any write
         self._stepping = True
+        trusted = trust_engine_calls(True)  # off while user code runs: see _probe
         try:
             yield from self._update_steps()
         finally:
+            trust_engine_calls(trusted)
             self._stepping = False
             self._mark_versions()
 
@@ -277,6 +280,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         sig = param_signature(groups)
         plan = self._plan
         if plan is None or plan[0] != sig:
+            # the step's op calls skip the per-call aliasing check (trust_engine_calls): what
+            # they write is these parameters or the optimizer's own buffers
+            aliasing_errors(f"{type(self).__name__}.step", (("params", trainable(groups)),))
             with torch.no_grad():
                 plan = self._plan = (sig, make_buckets(groups, self.state, self._scratch))
             if self.lookahead:  # the cycle covers the parameters that require grad now
@@ -410,13 +416,17 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if self._probe_hooks_always_called:
             evaluated = False
             try:
+                trust_engine_calls(False)  # the loop body is user code: its op calls are checked
                 yield probe
+                trust_engine_calls(True)
                 evaluated = True
             finally:
                 if not evaluated:
                     self._run_probe_hooks(probe, [p for b in buckets for p in b.params], True)
         else:
+            trust_engine_calls(False)
             yield probe
+            trust_engine_calls(True)
         self._engine["evals"] += 1
         if self._probe_post_hooks:
             self._run_probe_hooks(probe, [p for b in buckets for p in b.params], False)
