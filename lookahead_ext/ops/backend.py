@@ -117,7 +117,7 @@ def status(name: str, device_type: Optional[str] = None):
         if ok:
             return impl, "ok"
         reasons.append(why)
-    return None, "; ".join(reasons) or f"backend {name!r} targets no device"
+    return None, "; ".join(dict.fromkeys(reasons)) or f"backend {name!r} targets no device"
 
 
 def present(name: str) -> list[str]:
