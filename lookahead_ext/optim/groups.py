@@ -47,6 +47,9 @@ class KindGroups:
 
     ``index``: one list of positions per group; ``kinds``: the (device, dtype) of each;
     ``single``: True when there is (at most) one group, so lists need no splitting.
+
+    Args:
+        tensors: the tensors to group (parameters, or any list parallel to them).
     """
 
     __slots__ = ("index", "kinds", "single")

@@ -40,6 +40,11 @@ class Probe:
     loop body runs, the parameters already hold the probe point and their .grad is None.
     Set ``probe.loss`` to the loss tensor (optional) so that a non-finite loss skips the
     update and ``optimizer.last_loss`` reports the first probe's loss.
+
+    Args:
+        index: position of the evaluation within the step (0: the first, whose loss is the
+            step's loss).
+        name: which gradient it is (``"g0"``, ``"g+"``, ``"g-"``).
     """
 
     __slots__ = ("index", "name", "loss")
@@ -100,6 +105,13 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     Param-group keys it reads: the base step's (base, lr, momentum, dampening, nesterov,
     weight_decay, betas, eps), rho (probe radius), and from param_groups[0]: k, alpha,
     norm_eps, backend, reset_base_state.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        defaults: the default hyperparameters of the subclass (checked against its
+            ``_hyper_rules``, as every param group is).
+        track_cosine: record the cosine between consecutive update directions in
+            ``cosine_history`` (diagnostics). Default: False.
     """
 
     lookahead = False
