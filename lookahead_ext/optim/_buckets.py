@@ -66,27 +66,38 @@ def trainable(groups) -> list[Tensor]:
 
 
 def make_buckets(groups, state, scratch) -> list[Bucket]:
-    """Buckets of trainable params; creates low-precision masters (kept out of ``state``
-    until ProbeRuntime._finish) / fp32 scratch backups."""
-    buckets: dict[tuple, Bucket] = {}
-    for gi, group in enumerate(groups):
-        for p in group["params"]:
-            if not p.requires_grad:
-                continue
-            low = p.dtype in LOW_PRECISION
-            key = (gi, p.device, p.dtype)
-            b = buckets.setdefault(key, Bucket(group, low_precision=low, synced=low))
-            b.params.append(p)
-            if low:
-                m = state[p].get("master") if p in state else None  # `in`: no empty entry
-                if m is None:
-                    m = p.detach().to(torch.float32).clone()
-                    b.pending = True
-                b.masters.append(m)
-            else:
-                m = scratch.get(p)
-                if m is None or m.shape != p.shape or m.dtype != p.dtype or m.device != p.device:
-                    m = torch.empty_like(p, memory_format=torch.contiguous_format)
-                    scratch[p] = m
-                b.masters.append(m)
-    return list(buckets.values())
+    """Buckets of trainable params, per param group and (device, dtype) (groups.KindGroups);
+    creates low-precision masters (kept out of ``state`` until ProbeRuntime._finish) / fp32
+    scratch backups."""
+    from .groups import KindGroups  # groups.py imports this module
+
+    buckets = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        kinds = KindGroups(params)
+        for (_, dtype), members in zip(kinds.kinds, kinds.split(params)):
+            low = dtype in LOW_PRECISION
+            b = Bucket(group, low_precision=low, synced=low)
+            for p in members:
+                b.params.append(p)
+                b.masters.append(_low_master(p, state, b) if low else _scratch_backup(p, scratch))
+            buckets.append(b)
+    return buckets
+
+
+def _low_master(p: Tensor, state, bucket: Bucket) -> Tensor:
+    """The fp32 master of a bf16/fp16 parameter: the state's, or a new one (pending)."""
+    m = state[p].get("master") if p in state else None  # `in`: no empty entry
+    if m is None:
+        m = p.detach().to(torch.float32).clone()
+        bucket.pending = True
+    return m
+
+
+def _scratch_backup(p: Tensor, scratch) -> Tensor:
+    """The reusable backup buffer of a float32/float64 parameter."""
+    m = scratch.get(p)
+    if m is None or m.shape != p.shape or m.dtype != p.dtype or m.device != p.device:
+        m = torch.empty_like(p, memory_format=torch.contiguous_format)
+        scratch[p] = m
+    return m
