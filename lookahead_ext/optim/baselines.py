@@ -91,15 +91,16 @@ class LookbehindSAM(ProbeOptimizer):
             g.setdefault("adaptive_alpha", adaptive)
         self.last_alphas: list[float] = []
 
-    def _ascent(self, b) -> list[Tensor]:
-        """phi' of each parameter (created at w for a parameter that joins mid-cycle)."""
+    def _ascent(self, b, k: int) -> list[Tensor]:
+        """phi' of each parameter at the start of this step: w at k = 0 (the cycle starts at
+        phi' = w = phi) or for a parameter that joins mid-cycle, else the state's (read only:
+        the state changes only when the step is applied, see _probe_and_commit)."""
         w = b.masters if b.synced else b.params
         out = []
         for p, wp in zip(b.params, w):
-            st = self.state[p]
-            if "ascent" not in st:
-                st["ascent"] = wp.detach().to(state_dtype(p.dtype)).clone(memory_format=torch.contiguous_format)
-            out.append(st["ascent"])
+            a = self.state[p].get("ascent") if (k and p in self.state) else None
+            out.append(a if a is not None else
+                       wp.detach().to(state_dtype(p.dtype)).clone(memory_format=torch.contiguous_format))
         return out
 
     def _offsets(self, buckets, ascent) -> list:
@@ -118,22 +119,22 @@ class LookbehindSAM(ProbeOptimizer):
     def _probe_and_commit(self, buckets):
         k = self._engine["k"]
         with _no_grad():
-            ascent = [self._ascent(b) for b in buckets]
-            if k == 0:  # the cycle starts at phi' = w = phi
-                for a, b in zip(ascent, buckets):
-                    if a:
-                        torch._foreach_copy_(a, b.masters if b.synced else b.params)
+            ascent = [self._ascent(b, k) for b in buckets]
             off = self._offsets(buckets, ascent)
         ga = yield from self._probe(buckets, 0, "g0", off, +1.0, 1.0)
         with _no_grad():
             inv = self._probe_inv("g0")
-            for a, b, g in zip(ascent, buckets, self._dense(buckets, ga)):
+            ascent = [torch._foreach_mul(a, 1.0) if a else a for a in ascent]  # new tensors: a skip
+            for a, b, g in zip(ascent, buckets, self._dense(buckets, ga)):  # leaves the state
                 if a:
                     _axpy_(a, g, inv * b.group["rho"])
             off = self._offsets(buckets, ascent)
         gd = yield from self._probe(buckets, 1, "g+", off, +1.0, 1.0)
         with _no_grad():
             kept, filled = self._gather(buckets, {"g0": ga, "g+": gd})
+            for a, b in zip(ascent, buckets):  # the step is applied: phi' joins the state
+                for p, ap in zip(b.params, a):
+                    self.state[p]["ascent"] = ap
             backend = self._backend()
             for b, g in zip(kept, filled["g+"]):
                 self._base_step(b, (None, g, None), (0.0, 1.0, 0.0), None, None, backend)
