@@ -6,7 +6,6 @@ program).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -40,7 +40,7 @@ in it) and every rank loads it after the new process group is up.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist

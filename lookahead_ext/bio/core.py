@@ -19,7 +19,7 @@ from ..ops.base_step import ADAMW, SGD, BaseStep
 from ..ops.reference import compute_dtype
 from ..optim.groups import KindGroups, base_step_, sync_slow_
 from ..optim.checkpoint import check_counter, check_like, refuse
-from ..optim.validation import BIO_RULES, check_k, check_range, check_values
+from ..optim.validation import BIO_RULES, check_values
 
 __all__ = ["LookaheadBio"]
 
@@ -631,11 +631,8 @@ class LookaheadBio:
                           f"LookaheadBio has u_sync={self.u_sync}")
         check_like(owner, "slow_u", self._slow_u, sd["slow_u"])
         check_like(owner, "slow_lam", self._slow_lam, [sd["slow_lam"]])
-        try:
-            check_k(cfg.get("k"))
-            for name in ("beta_w", "beta_lam"):
-                check_range(name, cfg.get(name), 0.0, 1.0, lo_open=True)
-            check_range("alpha", cfg.get("alpha"), 0.0, math.inf, lo_open=True, hi_open=True)
+        try:  # the constructor's rules (a missing key is None, which they refuse)
+            check_values({name: cfg.get(name) for name in ("k", "beta_w", "beta_lam", "alpha")}, BIO_RULES)
         except ValueError as e:
             refuse(owner, f"the state dict's {e}")
         check_counter(owner, "cycle position", sd["counter"], cfg["k"])
