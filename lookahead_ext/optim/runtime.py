@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Iterator, Optional
@@ -456,18 +457,20 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         for params, grads in pairs:
             for p, gr in zip(params, grads):
                 p.grad = gr if gr.dtype == p.dtype else gr.to(p.dtype)
-                handed[p] = (p.grad, p.grad._version)
+                handed[p] = (weakref.ref(p.grad), p.grad._version)  # weak: zero_grad frees it
 
     def _grads_from_outside(self, buckets) -> bool:
         """Whether some parameter holds a gradient this optimizer did not hand back
         unchanged (host-only: tensor identity and version counter)."""
         handed = self._handed_back
+        if handed is None:  # a copy (deepcopy/pickle): its grads' origin is unknown, no warning
+            return False
         for b in buckets:
             for p in b.params:
                 g = p.grad
                 if g is not None:
                     h = handed.get(p)
-                    if h is None or h[0] is not g or h[1] != g._version:
+                    if h is None or h[0]() is not g or h[1] != g._version:
                         return True
         return False
 
@@ -687,7 +690,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         an optimizer that goes on exactly as this one."""
         state = {k: v for k, v in self.__dict__.items()
                  if not (k.startswith("_optimizer_") or k in _HOOK_DICTS)}
-        state.update(_plan=None, _scratch={})
+        state.update(_plan=None, _scratch={}, _handed_back=None)  # weakrefs: see _hand_back
         if isinstance(state.get("last_loss"), Tensor):  # a graph's output: keep the value
             state["last_loss"] = state["last_loss"].detach()
         if "_v_sq" in state:
