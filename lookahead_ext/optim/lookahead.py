@@ -1,6 +1,8 @@
 """Lookahead (Zhang et al. 2019) around any torch optimizer, with fused slow/fast sync."""
 from __future__ import annotations
 
+import contextlib
+
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -77,40 +79,38 @@ class Lookahead(SlowWeightsMixin, Optimizer):
     _stepping = False  # a step is in progress (re-entry from the closure is refused)
 
     def step(self, closure=None):
-        if self._stepping:
-            raise RuntimeError("Lookahead.step() was called while a step is in progress (from "
-                               "inside the closure?): the closure must only compute the loss "
-                               "and call backward().")
-        self._sync_plan()  # a parameter unfrozen since the last step joins the cycle now
-        applied = getattr(self.optimizer, "num_steps", None)  # probe optimizers count applied steps
-        self._stepping = True
-        try:
-            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        finally:
-            self._stepping = False
-        if applied is None or self.optimizer.num_steps != applied:
-            self._advance()  # else the base optimizer skipped the update: the cycle stays
-        return loss
+        with self._inner_step("step()"):
+            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
     def probes(self):
         """Call-by-call API of a probe optimizer inside (see its ``probes()``, and
         :func:`lookahead_ext.amp.probes` under a GradScaler): the cycle advances, and syncs
         after the k-th step, when the loop ends with an applied step, as after ``step()``.
         Abandoning the loop, or a skipped update, leaves the cycle as it was."""
-        inner = self.optimizer
-        if not hasattr(inner, "probes"):
+        if not hasattr(self.optimizer, "probes"):
             raise TypeError(f"Lookahead.probes() needs a probe optimizer inside (CMLR, SAM, ...), "
-                            f"not {type(inner).__name__}: use step()")
+                            f"not {type(self.optimizer).__name__}: use step()")
+        with self._inner_step("probes()"):
+            yield from self.optimizer.probes()
+
+    @contextlib.contextmanager
+    def _inner_step(self, what: str):
+        """One step of the optimizer inside: re-entry (from its closure or loop body) is
+        refused before anything is touched; the cycle advances only if the step completed and
+        was applied (probe optimizers count applied steps in ``num_steps``; a skipped update,
+        an exception or an abandoned probes() loop leaves the cycle as it was)."""
         if self._stepping:
-            raise RuntimeError("Lookahead.probes() was called while a step is in progress")
-        self._sync_plan()
-        applied = inner.num_steps
+            raise RuntimeError(f"Lookahead.{what} was called while a step is in progress (from "
+                               "inside the closure or a probe's loop body?): the closure must "
+                               "only compute the loss and call backward().")
+        self._sync_plan()  # a parameter unfrozen since the last step joins the cycle now
+        applied = getattr(self.optimizer, "num_steps", None)
         self._stepping = True
         try:
-            yield from inner.probes()
+            yield
         finally:
             self._stepping = False
-        if inner.num_steps != applied:
+        if applied is None or self.optimizer.num_steps != applied:
             self._advance()
 
     def _advance(self) -> None:
