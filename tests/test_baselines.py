@@ -80,24 +80,20 @@ def test_momentum_adamw_and_unused_param(cls):
         assert float(torch.nn.functional.mse_loss(model(x), y).detach()) < first
 
 
-def test_invalid_arguments():
+@pytest.mark.parametrize("cls, kw, error", [
+    (LookbehindSAM, dict(lam=0.1), TypeError),
+    (LookbehindSAM, dict(alpha=1.5), ValueError),
+    (GSAM, dict(beta=1.5), ValueError),
+    (GSAM, dict(period=0), ValueError),
+    (GSAM, dict(k=3), TypeError),
+    (CRSAM, dict(k=3), TypeError),
+    (CRSAM, dict(curv=0.5), TypeError),
+    (CRSAM, dict(beta=-1.0), ValueError),
+])
+def test_invalid_arguments(cls, kw, error):
     model, _, _ = _problem()
-    with pytest.raises(TypeError):
-        LookbehindSAM(model.parameters(), lam=0.1)
-    with pytest.raises(ValueError):
-        LookbehindSAM(model.parameters(), alpha=1.5)
-    with pytest.raises(ValueError):
-        GSAM(model.parameters(), beta=1.5)
-    with pytest.raises(ValueError):
-        GSAM(model.parameters(), period=0)
-    with pytest.raises(TypeError):
-        GSAM(model.parameters(), k=3)
-    with pytest.raises(TypeError):
-        CRSAM(model.parameters(), k=3)
-    with pytest.raises(TypeError):
-        CRSAM(model.parameters(), curv=0.5)
-    with pytest.raises(ValueError):
-        CRSAM(model.parameters(), beta=-1.0)
+    with pytest.raises(error):
+        cls(model.parameters(), **kw)
 
 
 def test_crsam_gamma_beta_zero_is_sam():

@@ -148,6 +148,18 @@ def causal_lm_loss(model, batch):
 
 
 # ---------------------------------------------------------------------------- helpers
+def _report(bio: LookaheadBio, summary: dict, line: str, out: str, title: str, quiet: bool,
+            save: bool) -> dict:
+    """Print the demo's final ``line``, save its figure/history/JSON to ``out`` (``save``) and
+    return ``summary`` with the LookaheadBio attached under "_bio"."""
+    if not quiet:
+        print(line)
+    if save:
+        _save(bio, out, summary["demo"], summary, title)
+    summary["_bio"] = bio
+    return summary
+
+
 def _save(bio: LookaheadBio, out: str, name: str, summary: dict, title: str) -> None:
     os.makedirs(out, exist_ok=True)
     bio.plot_weights(os.path.join(out, f"{name}.png"), title=title)
@@ -200,13 +212,9 @@ def run_quality(out=DEFAULT_OUT, steps=600, seed=0, k=5, beta=0.5, batch=32, qui
         if not quiet:
             print(f"[quality] Algorithm 1 literal (u_sync=False): {_fmt(names, lit['final_weights'].values())}")
     summary["runtime_s"] = round(time.time() - t0, 1)
-    if not quiet:
-        print(f"[quality] final weights: {_fmt(names, p)}  (target clean >= 0.8)  "
-              f"test acc {summary['test_acc_slow_w']:.3f}  {summary['runtime_s']}s")
-    if save:
-        _save(bio, out, "quality", summary, "Quality: clean 10% vs label-noise 90% (digits)")
-    summary["_bio"] = bio
-    return summary
+    return _report(bio, summary, f"[quality] final weights: {_fmt(names, p)}  (target clean >= 0.8)  "
+                   f"test acc {summary['test_acc_slow_w']:.3f}  {summary['runtime_s']}s", out,
+                   "Quality: clean 10% vs label-noise 90% (digits)", quiet, save)
 
 
 def run_domain(out=DEFAULT_OUT, steps=1000, seed=0, batch=48, quiet=False, save=True):
@@ -234,12 +242,9 @@ def run_domain(out=DEFAULT_OUT, steps=1000, seed=0, batch=48, quiet=False, save=
                "final_weights": dict(zip(names, p.tolist())), "val_loss_nats_per_byte": val_loss,
                "runtime_s": round(time.time() - t0, 1), "target": "p_python >= 0.95",
                "pass": bool(p[1] >= 0.95)}
-    if not quiet:
-        print(f"[domain] final weights: {_fmt(names, p)}  (target python >= 0.95)  {summary['runtime_s']}s")
-    if save:
-        _save(bio, out, "domain", summary, "Domain shift: prose vs Python (val: Python)")
-    summary["_bio"] = bio
-    return summary
+    return _report(bio, summary, f"[domain] final weights: {_fmt(names, p)}  (target python >= 0.95)  "
+                   f"{summary['runtime_s']}s", out, "Domain shift: prose vs Python (val: Python)",
+                   quiet, save)
 
 
 def run_llm(out=DEFAULT_OUT, steps=150, seed=0, batch=8, seq=64, quiet=False, save=True):
@@ -273,13 +278,9 @@ def run_llm(out=DEFAULT_OUT, steps=150, seed=0, batch=8, seq=64, quiet=False, sa
                "final_weights": dict(zip(names, p.tolist())),
                "val_loss_first": rows[0]["val_loss"], "val_loss_last": rows[-1]["val_loss"],
                "runtime_s": round(time.time() - t0, 1)}
-    if not quiet:
-        print(f"[llm] final weights: {_fmt(names, p)}  val loss {rows[0]['val_loss']:.3f} -> "
-              f"{rows[-1]['val_loss']:.3f}  {summary['runtime_s']}s")
-    if save:
-        _save(bio, out, "llm", summary, "GPT-2 (config, random init): prose vs Python")
-    summary["_bio"] = bio
-    return summary
+    return _report(bio, summary, f"[llm] final weights: {_fmt(names, p)}  val loss "
+                   f"{rows[0]['val_loss']:.3f} -> {rows[-1]['val_loss']:.3f}  {summary['runtime_s']}s",
+                   out, "GPT-2 (config, random init): prose vs Python", quiet, save)
 
 
 def run_stability(out=DEFAULT_OUT, steps=600, seeds=5, quiet=False, save=True):
