@@ -90,5 +90,12 @@ class BatchNormProbeMode:
 
 def apply_batchnorm_mode(model: nn.Module, optimizer, mode: str = "first") -> BatchNormProbeMode:
     """Apply a BatchNorm probe mode ("first", "never", "always") to every BatchNorm layer of
-    ``model`` for the steps of ``optimizer``. Returns a handle (also a context manager)."""
+    ``model`` for the steps of ``optimizer``. Returns a handle (also a context manager).
+
+    Args:
+        model: the module whose BatchNorm layers (any ``_BatchNorm``) follow the mode.
+        optimizer: the probe optimizer (or a Lookahead around one) whose probes are counted.
+        mode: "first" (only each step's first evaluation updates the running stats),
+            "never" or "always" (see the module docstring). Default: "first".
+    """
     return BatchNormProbeMode(model, optimizer, mode)

@@ -55,7 +55,14 @@ def all_reduce_probe_grads(params, loss=None, group=None, average: bool = True):
     (the mean over ranks with ``average``), or None when ``loss`` is None.
 
     The buffer has the same layout on every rank (a parameter without a gradient sends
-    zeros), so ranks whose sets of used parameters differ still line up."""
+    zeros), so ranks whose sets of used parameters differ still line up.
+
+    Args:
+        params: the parameters, in the same order on every rank.
+        loss: the local loss (a tensor) to reduce along, or None.
+        group: the process group (None: the default group).
+        average: divide the sums by the world size (True) or keep sums (False).
+    """
     world = dist.get_world_size(group)
     grads = [p.grad for p in params]
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -243,7 +250,12 @@ def local_shards(model) -> list:
     """FSDP2 (``fully_shard``): the local shards of the model's DTensor parameters, as plain
     tensors that the probe optimizer can own (build it on these: ``CMLR(local_shards(m))``).
     They share storage with FSDP2's sharded parameters, so the optimizer's in-place writes
-    are what the next all-gather sends."""
+    are what the next all-gather sends.
+
+    Args:
+        model: a module whose parameters ``fully_shard`` has made DTensors (plain
+            parameters are passed through as they are). Frozen parameters are left out.
+    """
     out = []
     for p in model.parameters():
         if not p.requires_grad:

@@ -27,7 +27,13 @@ __all__ = ["DeferredStep", "ProbeTrainerMixin", "needs_closure", "check_lightnin
 
 def probe_optimizer(optimizer):
     """The probe optimizer inside ``optimizer`` (itself, or the one a Lookahead or a
-    framework's wrapper holds), or None."""
+    framework's wrapper holds), or None.
+
+    Args:
+        optimizer: any optimizer; wrappers are unwrapped through their ``optimizer``
+            attribute (lookahead_ext.Lookahead, accelerate's AcceleratedOptimizer,
+            Lightning's LightningOptimizer, :class:`DeferredStep`).
+    """
     while optimizer is not None:
         if hasattr(optimizer, "register_grad_unscaler"):  # not "probes": Lookahead delegates those
             return optimizer
@@ -37,7 +43,11 @@ def probe_optimizer(optimizer):
 
 def needs_closure(optimizer) -> bool:
     """Whether ``optimizer.step()`` must be given a closure: a probe optimizer, or a
-    Lookahead around one."""
+    Lookahead around one.
+
+    Args:
+        optimizer: any optimizer, possibly wrapped (see :func:`probe_optimizer`).
+    """
     return probe_optimizer(optimizer) is not None
 
 
@@ -259,7 +269,15 @@ def check_lightning(trainer, pl_module) -> None:
     own fp16 ``MixedPrecision`` plugin (it calls the closure once, then
     ``scaler.step(opt)`` without it). Without this check the first would fail at the
     first optimizer step (the optimizer finds the earlier batches' gradients and
-    Lightning's closure) and the second at the first step too (no closure)."""
+    Lightning's closure) and the second at the first step too (no closure).
+
+    Args:
+        trainer: the ``pytorch_lightning.Trainer`` (its optimizers are checked).
+        pl_module: the LightningModule (its ``automatic_optimization`` is read).
+
+    Raises:
+        ValueError: naming the optimizer and the setting to change.
+    """
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     for opt in trainer.optimizers:
