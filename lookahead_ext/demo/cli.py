@@ -1,6 +1,6 @@
 """Command line of the demo: noisy-label digits, rho tuned on validation, >= 5 seeds.
 
-    python -m lookahead_ext.demo                 # full run (~10 min on 2 cores), writes results/
+    python -m lookahead_ext.demo                 # full run (~7 min on 2 quiet cores), writes results/
     python -m lookahead_ext.demo --quick         # SGD, SAM, CMLR, 3 seeds: about a minute
     python -m lookahead_ext.demo --noise 0       # clean labels
     python -m lookahead_ext.demo --algos SGD SAM CMLR --seeds 0 1 2 --out DIR
