@@ -156,7 +156,7 @@ def _skip_rows():
     return out
 
 
-SKIP_ROWS = [p for p in _skip_rows() if p.values[0].backend == "reference"]  # the backends follow
+SKIP_ROWS = _skip_rows()
 
 
 def _impl_for(row, dtype):
@@ -200,6 +200,16 @@ def _written(args):
     return [args[i] if i != 5 else [args[5][k] for k in sorted(args[5])] for i in _COMBINE_WRITTEN]
 
 
+def _assert_restored(row, params, masters, what):
+    """params == cast(masters) bit for bit; the Triton interpreter's cast rounds toward zero
+    (docs/tolerances.md), so its bf16/fp16 params are within its one-ulp "param" tolerance."""
+    want = [m.to(p.dtype) for p, m in zip(params, masters)]
+    if row.tol == "triton" and row.device == "cpu" and params and params[0].element_size() == 2:
+        assert_lists_close(params, want, tol("triton", "param", params[0].dtype), what)
+    else:
+        assert_bits_equal(params, want, what)
+
+
 @pytest.mark.parametrize("dtype", SKIP_DTYPES, ids=[DT_IDS.get(d, "fp64") for d in SKIP_DTYPES])
 @pytest.mark.parametrize("backend,size", SKIP_ROWS)
 def test_skip_if_set_writes_only_params_from_masters(backend, size, dtype):
@@ -214,7 +224,7 @@ def test_skip_if_set_writes_only_params_from_masters(backend, size, dtype):
             impl.combine_step_(*a, skip_if=flag(backend.device))
             what = f"{backend.id} combine_step_[{name}] skip_if={sname}"
             assert_bits_equal(_written(a)[1:], _written(before)[1:], what)
-            assert_bits_equal(a[0], [m.to(p.dtype) for p, m in zip(a[0], before[1])], what + " params")
+            _assert_restored(backend, a[0], before[1], what + " params")
     for name, args in skip_sync_cases(backend, dtype, size):
         for sname, flag in SKIP_SET.items():
             a, before = clone_args(args), clone_args(args)
