@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from lookahead_ext.ops.base_step import ADAMW
-from lookahead_ext.ops.helpers import check_combine_extras
+from lookahead_ext.ops.helpers import check_combine_extras, skip_f32
 
 from . import _mta
 
@@ -39,6 +39,7 @@ def _combine_kernel(
         bv_ptr, a0_ptr, ap_ptr, am_ptr, bv_val, a0_val, ap_val, am_val,
         lr, weight_decay, momentum, one_minus_dampening,
         decay_factor, lerp_w, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+        skip_ptr, base_ptr,
         P_DT: tl.constexpr, G0_DT: tl.constexpr, GP_DT: tl.constexpr, GM_DT: tl.constexpr,
         D0: tl.constexpr, DP: tl.constexpr, DM: tl.constexpr,
         HAS_V: tl.constexpr, V0: tl.constexpr, VP: tl.constexpr, VM: tl.constexpr,
@@ -46,8 +47,13 @@ def _combine_kernel(
         VB: tl.constexpr,
         ADAM: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
         NESTEROV: tl.constexpr, FIRST: tl.constexpr, WRITE_W: tl.constexpr,
+        HAS_SKIP: tl.constexpr, DEV_BASE: tl.constexpr,
         FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # HAS_SKIP: skip_ptr is skip_if (float32, one element): nonzero stores params <- cast(masters)
+    # and nothing else. DEV_BASE: base_ptr is BaseStep.device_args (float64, layout in
+    # ops/base_step.py): the scalars that derive from lr / step / first are read from it,
+    # rounded once to float32 as the host floats are.
     pid = tl.program_id(0).to(tl.int64)
     r = tl.load(work + 3 * pid)
     c = tl.load(work + 3 * pid + 1)
@@ -77,6 +83,18 @@ def _combine_kernel(
     if ALIGNED:
         s2_ptr = tl.multiple_of(s2_ptr, 16)
     n = tl.load(row + 8)
+    if HAS_SKIP:  # (integer arithmetic on the flag: the interpreter cannot AND a scalar into a mask)
+        skip_i = (tl.load(skip_ptr) != 0.0).to(tl.int64)  # NaN: skipped too
+        keep = skip_i == 0
+    first_t = False
+    if DEV_BASE:
+        if ADAM:
+            decay_factor = tl.load(base_ptr + 0).to(tl.float32)
+            step_size = tl.load(base_ptr + 5).to(tl.float32)
+            bc2_sqrt = tl.load(base_ptr + 6).to(tl.float32)
+        else:
+            lr = tl.load(base_ptr + 0).to(tl.float32)
+            first_t = tl.load(base_ptr + 5) != 0.0
     if HAS_V:
         if BV_PTR:
             bv = tl.load(bv_ptr).to(tl.float32)
@@ -102,6 +120,9 @@ def _combine_kernel(
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < lim
+        mu = m  # the state and master stores (none when skipped)
+        if HAS_SKIP:
+            mu = offs < lim * (1 - skip_i)
         if D0 or V0:
             g0 = tl.load(g0_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if DP or VP:
@@ -109,6 +130,7 @@ def _combine_kernel(
         if DM or VM:
             gm = tl.load(gm_ptr + offs, mask=m, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
+        w_old = w
         # d = sum of the present terms, accumulated in the reference's order
         d = tl.zeros([BLOCK], dtype=tl.float32)
         if D0:
@@ -143,7 +165,7 @@ def _combine_kernel(
                     nv = nv + gm * am
                 else:
                     nv = gm * am
-            tl.store(v_ptr + offs, nv, mask=m)
+            tl.store(v_ptr + offs, nv, mask=mu)
         # the base step
         if ADAM:
             if HAS_WD:
@@ -156,8 +178,8 @@ def _combine_kernel(
             sq = sq + one_minus_beta2 * d * d
             denom = tl.div_rn(tl.sqrt_rn(sq), bc2_sqrt) + eps
             w = w + (-step_size) * tl.div_rn(ea, denom)
-            tl.store(s1_ptr + offs, ea, mask=m)
-            tl.store(s2_ptr + offs, sq, mask=m)
+            tl.store(s1_ptr + offs, ea, mask=mu)
+            tl.store(s2_ptr + offs, sq, mask=mu)
         else:
             if HAS_WD:
                 d = d + weight_decay * w
@@ -168,14 +190,18 @@ def _combine_kernel(
                     buf = tl.load(s1_ptr + offs, mask=m, other=0.0)
                     buf = buf * momentum
                     buf = buf + one_minus_dampening * d
-                tl.store(s1_ptr + offs, buf, mask=m)
+                    if DEV_BASE:
+                        buf = tl.where(first_t, d, buf)
+                tl.store(s1_ptr + offs, buf, mask=mu)
                 if NESTEROV:
                     d = d + momentum * buf
                 else:
                     d = buf
             w = w + (-lr) * d
         if WRITE_W:
-            tl.store(w_ptr + offs, w, mask=m)
+            tl.store(w_ptr + offs, w, mask=mu)
+        if HAS_SKIP:
+            w = tl.where(keep, w, w_old)
         tl.store(p_ptr + offs, w.to(P_DT), mask=m)
 
 
@@ -184,7 +210,7 @@ def _present(coef, lst) -> bool:
 
 
 def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
-                  v_sq_out=None, write_masters=True) -> None:
+                  v_sq_out=None, write_masters=True, skip_if=None) -> None:
     # write_masters=False's per-tensor dtype rule is checked on the columns below
     check_combine_extras(params, masters, v, v_sq_out, True)
     if not params:
@@ -216,8 +242,11 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
     dev = prep.device
     sargs = [_mta.scalar_arg(x, dev, p.seg) for x in (bv, a0, ap, am)]
     cfg = _mta.CONFIG
-    # the one host-side packing of the base step (BaseStep.kernel_args), unpacked per kind
-    _, hyper, _ = base.kernel_args()
+    # the one host-side packing of the base step (BaseStep.kernel_args), unpacked per kind;
+    # with device scalars, the kernel reads those from BaseStep.device_args (base_t)
+    _, hyper, kflags = base.kernel_args()
+    base_t = base.device_args(dev) if base.on_device else None
+    skip = skip_f32(skip_if)
     has_wd = float(base.weight_decay) != 0.0
     if adam:
         lr = wd = momentum = one_minus_damp = 0.0
@@ -237,13 +266,19 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
                 sargs[0][1], sargs[1][1], sargs[2][1], sargs[3][1],
                 lr, wd, momentum, one_minus_damp,
                 decay, lerp_w, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                work if skip is None else skip, work if base_t is None else base_t,
                 P_DT=_mta.tl_dtype(g.dtypes[_P]), G0_DT=_mta.tl_dtype(g.dtypes[_G0]),
                 GP_DT=_mta.tl_dtype(g.dtypes[_GP]), GM_DT=_mta.tl_dtype(g.dtypes[_GM]),
                 BV_PTR=sargs[0][2], A0_PTR=sargs[1][2], AP_PTR=sargs[2][2], AM_PTR=sargs[3][2],
                 ADAM=adam, HAS_WD=has_wd, MOMENTUM=base.uses_momentum,
-                NESTEROV=bool(base.nesterov), FIRST=bool(base.first), WRITE_W=write_w,
+                NESTEROV=bool(base.nesterov), FIRST=bool(kflags[1]), WRITE_W=write_w,
+                HAS_SKIP=skip is not None, DEV_BASE=base_t is not None,
                 FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion, **flags)
     prep.finish()
     if v_sq_out is not None:
         from .multi_dot import multi_dot
-        v_sq_out.add_(multi_dot([v], [(0, 0)]).reshape(v_sq_out.shape))
+        vsq = multi_dot([v], [(0, 0)]).reshape(v_sq_out.shape)
+        if skip is None:
+            v_sq_out.add_(vsq)
+        else:  # unchanged bits when skipped (a select on the device)
+            v_sq_out.copy_(torch.where(skip.reshape(()) != 0, v_sq_out, v_sq_out + vsq))

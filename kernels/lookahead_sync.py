@@ -10,14 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
+from lookahead_ext.ops.helpers import skip_f32
+
 from . import _mta
 
 
 @triton.jit
-def _sync_kernel(table, work, alpha,
+def _sync_kernel(table, work, alpha, skip_ptr,
                  SLOW_DT: tl.constexpr, FAST_DT: tl.constexpr, P_DT: tl.constexpr,
-                 HAS_P: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr,
+                 HAS_P: tl.constexpr, HAS_SKIP: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # HAS_SKIP: skip_ptr is skip_if (float32, one element): nonzero stores nothing
     pid = tl.program_id(0).to(tl.int64)
     r = tl.load(work + 3 * pid)
     c = tl.load(work + 3 * pid + 1)
@@ -34,6 +37,8 @@ def _sync_kernel(table, work, alpha,
         lim = start + BLOCK * ITERS
     else:
         lim = n
+    if HAS_SKIP:  # nothing in range when set (NaN too): integer arithmetic, as in combine_step
+        lim = lim * (1 - (tl.load(skip_ptr) != 0.0).to(tl.int64))
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < lim
@@ -50,9 +55,10 @@ def _sync_kernel(table, work, alpha,
             tl.store(p_ptr + offs, s.to(P_DT), mask=m)
 
 
-def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
+def lookahead_sync_(slow, fast, alpha: float, params=None, skip_if=None) -> None:
     if not slow:
         return
+    skip = skip_f32(skip_if)
     prep = _mta.Prepared([slow, fast, params], writes=(0, 1, 2))
     p = prep.plan()
     cfg = _mta.CONFIG
@@ -61,8 +67,8 @@ def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
             raise TypeError(f"triton lookahead_sync_: slow weights must be float32, got {g.dtypes[0]}")
         for work, nw, full in g.launches():
             _sync_kernel[(nw,)](
-                g.table, work, float(alpha),
+                g.table, work, float(alpha), work if skip is None else skip,
                 SLOW_DT=_mta.tl_dtype(g.dtypes[0]), FAST_DT=_mta.tl_dtype(g.dtypes[1]),
-                P_DT=_mta.tl_dtype(g.dtypes[2]), HAS_P=params is not None,
+                P_DT=_mta.tl_dtype(g.dtypes[2]), HAS_P=params is not None, HAS_SKIP=skip is not None,
                 FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)
     prep.finish()

@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from . import reference
-from .helpers import (check_combine_aliasing, check_nonfinite_aliasing, check_perturb_aliasing, check_scale,
-                      check_sync_aliasing)
+from .helpers import (check_combine_aliasing, check_combine_scalars, check_nonfinite_aliasing, check_perturb_aliasing,
+                      check_scale, check_skip_if, check_sync_aliasing)
 
 name = "triton"
 devices = ("cpu", "cuda")
@@ -138,15 +138,17 @@ def perturb_(out, base, direction, scale, backup=None) -> None:
 
 
 def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
-                  v_sq_out=None, write_masters=True) -> None:
-    check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters)
+                  v_sq_out=None, write_masters=True, skip_if=None) -> None:
+    check_combine_scalars(params, base, skip_if)
+    check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters, skip_if)
     return _run("combine_step_", (params,), (params, masters, grads, coefs, base, base_state, v,
-                                             v_coefs, v_sq_out, write_masters))
+                                             v_coefs, v_sq_out, write_masters, skip_if))
 
 
-def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
-    check_sync_aliasing(slow, fast, params)
-    return _run("lookahead_sync_", (slow,), (slow, fast, alpha, params))
+def lookahead_sync_(slow, fast, alpha: float, params=None, skip_if=None) -> None:
+    check_skip_if("lookahead_sync_", skip_if, slow[0].device if slow else None)
+    check_sync_aliasing(slow, fast, params, skip_if)
+    return _run("lookahead_sync_", (slow,), (slow, fast, alpha, params, skip_if))
 
 
 def nonfinite_(lists, inv_scale: Optional[torch.Tensor] = None, sq_norms: bool = False):
