@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lookahead_ext as la
+from lookahead_ext import amp
 from conftest import mse_closure, small_batch, small_model
 from optim_db import optim_db
 
@@ -288,3 +289,36 @@ def test_deliberate_bug_is_caught(monkeypatch):
     p = plans(info)["before_sync"]
     with pytest.raises(AssertionError):
         assert_same_run(train(info, False, p), train(info, True, p))
+
+
+@pytest.mark.parametrize("name", ["CMLR", "SAM_adamw"])
+def test_grad_scaler_fed_from_the_device_flag(name):
+    """lookahead_ext.amp in the device-flag mode: the scaler's found_inf is the optimizer's
+    device flag; scale, weights and state follow the host mode exactly, and the overflow
+    skips give no RuntimeWarning (also not when the counters are read)."""
+    info = INFO[name]
+    runs = []
+    for device_skip in (False, True):
+        model = small_model()
+        x, y = small_batch()
+        opt = info.cls(model.parameters(), backend="reference", device_skip=device_skip, **info.kwargs)
+        sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+        scales = []
+        for step in range(6):
+            def closure():
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                sc.scale(loss).backward()
+                if step in (1, 4):
+                    list(model.parameters())[-1].grad.view(-1)[0] = math.inf
+                return loss
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                amp.step(opt, sc, closure)
+            sc.update()
+            scales.append(sc.get_scale())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert opt.num_skipped == 2
+        runs.append(((model, opt), scales))
+    assert runs[0][1] == runs[1][1]
+    assert_same_run(runs[0][0], runs[1][0])

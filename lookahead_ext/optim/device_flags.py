@@ -28,6 +28,8 @@ class DeviceCounters:
         self._views()
         self.found = torch.zeros((), dtype=torch.float32, device=device)
         self.warned = int(engine["skipped"])  # skips already reported by a RuntimeWarning
+        # skips that need no warning (a GradScaler's overflow: lookahead_ext.amp), on the device
+        self.quiet = torch.zeros((), dtype=_F64, device=device)
         self.last_found: Optional[Tensor] = None  # the last step's found (a copy)
 
     def __getstate__(self) -> dict:  # copies (deepcopy, pickle) re-create the views of t
@@ -87,12 +89,12 @@ class DeviceCounters:
     def read(self, engine: dict, owner: str, stacklevel: int = 3) -> dict:
         """Copy the device counters into ``engine`` (one host read) and give the RuntimeWarning
         of the skips not reported yet."""
-        values = self.t.tolist()
+        *values, quiet = torch.cat([self.t, self.quiet.reshape(1)]).tolist()
         for k, x in zip(KEYS, values):
             engine[k] = bool(x) if k == "v_ready" else int(x)
-        new = engine["skipped"] - self.warned
+        new = engine["skipped"] - int(quiet) - self.warned
         if new > 0:
-            self.warned = engine["skipped"]
+            self.warned += new
             warnings.warn(f"{owner}: skipped {new} update(s) since the last report (a loss or "
                           "gradient was not finite); weights and optimizer state are unchanged "
                           f"by them (skipped so far: {engine['skipped']}).",

@@ -258,10 +258,17 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         to_host_state(self.state.values(), self._glob("base"), eng)
         self._dev = None
 
-    def last_found_inf(self) -> Optional[Tensor]:
-        """The device-flag mode's found_inf of the last step (0-d float32 on the parameters'
-        device: 1.0 = skipped), e.g. for a GradScaler; None on the host path."""
-        return None if self._dev is None else self._dev.last_found
+    def last_found_inf(self):
+        """Whether the last step was skipped: the device-flag mode's found_inf (0-d float32
+        on the parameters' device, 1.0 = skipped; no host read), else a bool. None before
+        the first step. E.g. for a GradScaler (lookahead_ext.amp)."""
+        return self._last_found
+
+    def _quiet_skip(self, found) -> None:
+        """A skip that its caller reports (a GradScaler's overflow): no RuntimeWarning for
+        it. Device-flag mode: ``found`` is last_found_inf(), counted on the device."""
+        if isinstance(found, Tensor) and self._dev is not None:
+            self._dev.quiet.add_(found.to(self._dev.quiet.device, torch.float64))
 
     # ------------------------------------------------------------------ the step
     def step(self, closure=None):
@@ -333,12 +340,12 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._dirs = [] if self.track_cosine else None
         buckets = self._step_buckets()
         self._enter_mode(buckets)
-        committed = False
+        committed = skipped = False
         try:
             yield from self._probe_and_commit(buckets)
             committed = True
         except _Skip:
-            committed = True  # weights already restored
+            committed = skipped = True  # weights already restored
             self._dirs = None
             self._grad_norms = []
         finally:
@@ -346,6 +353,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 with torch.no_grad():
                     self._restore(buckets)
         dev = self._dev
+        if committed:
+            self._last_found = skipped
         if dev is not None and committed:
             self._last_found = dev.last_found
             if self._dirs is not None and dev.last_found.item():  # track_cosine reads the host
@@ -356,8 +365,6 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._dirs = None
         if committed:
             self._last_norms = self._grad_norms
-            if dev is None:
-                self._last_found = None
         self._opt_called = True  # lets torch lr schedulers know a step happened
         if dev is not None and committed:
             self._dev_steps += 1
@@ -693,8 +700,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         norms = self._last_norms
         if norms is None:
             return None
-        if self._last_found is not None and self._last_found.item():
-            return math.nan
+        if isinstance(self._last_found, Tensor) and self._last_found.item():
+            return math.nan  # device-flag mode (the host path keeps no norms of a skipped step)
         return max(float(n) for n in norms) if norms else math.nan
 
     # ------------------------------------------------------------------ commit
