@@ -105,6 +105,16 @@ def global_sq(lists_per_group, pairs, backend: str = "auto") -> Tensor:
     return sum_parts(parts, len(pairs))
 
 
+def sqrt64(x: Tensor) -> Tensor:
+    """sqrt in float64, correctly rounded as Python's math.sqrt on every device: ATen's
+    vectorised CPU sqrt is not (SLEEF; about 1% of float32 inputs differ in the last bit),
+    the complex one of a non-negative real is (std::sqrt); CUDA's sqrt is IEEE."""
+    x = x.to(torch.float64)
+    if x.device.type == "cpu":
+        return x.to(torch.complex128).sqrt().real
+    return x.sqrt()
+
+
 def inv_norm(sq, eps: float, on_device: bool = False):
     """1 / (||x|| + eps) from a squared norm (a 0-d tensor, or a float).
 
@@ -114,7 +124,7 @@ def inv_norm(sq, eps: float, on_device: bool = False):
     device): a 0-d float64 tensor computed as the CPU's double-precision float, bit for bit
     (IEEE sqrt, add and divide)."""
     if on_device:
-        return 1.0 / (sq.to(torch.float64).sqrt() + eps)
+        return 1.0 / (sqrt64(sq) + eps)
     if isinstance(sq, float) or sq.device.type == "cpu":
         return 1.0 / (math.sqrt(float(sq)) + eps)
     return 1.0 / (sq.sqrt() + eps)

@@ -23,7 +23,7 @@ from ._slow import SlowWeightsMixin, init_slow, join_slow
 from .device_flags import DeviceCounters, to_device_state, to_host_state
 from .diagnostics import CosineTracking
 from .groups import (advance_steps, base_step_, global_sq, inv_norm, per_parameter_steps,
-                     state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
+                     sqrt64, state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
 from .checkpoint import (check_counter, check_layout, check_writer, checked_state,
                          checked_tensors, merged_groups, refuse, run_hooks)
 from .hooks import ProbeHooks
@@ -651,8 +651,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         the clip factor min(1, max_grad_norm / (norm + 1e-6)) stays on the device and scales
         the gradients in place (an unclipped probe is multiplied by exactly 1). A probe the
         step may not use (``used``) reports norm 0 (a max over norms ignores it)."""
-        norm = sq.to(torch.float64).sqrt()
-        self._grad_norms.append(norm if used is None else norm * used)
+        norm = sqrt64(sq)
+        self._grad_norms.append(norm if used is None else torch.where(used, norm, 0.0))
         max_norm = self.param_groups[0].get("max_grad_norm")
         if not max_norm:
             return
