@@ -475,3 +475,85 @@ op_db = [
     OpInfo("nonfinite_", nonfinite_samples),
 ]
 OP_IDS = [op.name for op in op_db]
+
+
+# ----------------------------------------------------------------------------- device-side skip
+# (issue 18 parts 1 and 3) combine_step_ / lookahead_sync_ with skip_if, and BaseStep with 0-d
+# device tensors for lr / step / first: test_op_conformance.py's test_skip_* and
+# test_device_base_step_*. Cases at the row's small sizes, float64 where the row takes it.
+SKIP_SIZES = ("empty", "one", "odd", "prime", "many", "mixed", "views", "edge_mixed")
+SKIP_DTYPES = DTYPES + [torch.float64]
+SKIP_BASES = {
+    "sgd_plain": BaseStep("sgd", lr=0.1),
+    "sgd_wd_no_momentum": BaseStep("sgd", lr=0.05, weight_decay=1e-2),
+    "sgd_mom_first": BASES["sgd_mom_first"],
+    "sgd_mom": BASES["sgd_mom"],
+    "sgd_nesterov": BASES["sgd_nesterov"],
+    "adamw_t1": BaseStep("adamw", lr=1e-2, weight_decay=0.1, step=1),
+    "adamw_t2": BaseStep("adamw", lr=3e-3, weight_decay=0.05, beta1=0.8, beta2=0.99, eps=1e-6, step=2),
+    "adamw_t1000": BaseStep("adamw", lr=3e-3, weight_decay=0.0, step=1000),
+}
+# (scheme of SCHEMES, v_sq_out, write_masters)
+SKIP_VARIANTS = [("central", True, True), ("sam", False, True), ("forward_floats", True, False)]
+SKIP_SET = {"one_f32": lambda d: torch.tensor(1.0, device=d), "nan": lambda d: torch.tensor(float("nan"), device=d),
+            "true": lambda d: torch.tensor(True, device=d), "int_2": lambda d: torch.tensor(2, device=d),
+            "shape_1_f64": lambda d: torch.tensor([-3.5], dtype=torch.float64, device=d)}
+SKIP_ZERO = {"zero_f32": lambda d: torch.zeros((), device=d), "neg_zero": lambda d: torch.tensor(-0.0, device=d),
+             "false": lambda d: torch.tensor(False, device=d), "int_0": lambda d: torch.tensor(0, device=d)}
+
+
+def skip_combine_cases(row, dtype, size):
+    """(name, args of combine_step_ without skip_if) over bases x variants: the tuple of
+    _combine_sample (params poisoned, so a param the op does not write is caught)."""
+    dev = row.device
+    for bname, base in SKIP_BASES.items():
+        for scheme, vsq, wm in SKIP_VARIANTS:
+            if not wm and dtype not in (torch.float32, torch.float64):
+                continue  # write_masters=False takes params of the masters' dtype
+            mdt = torch.float64 if dtype == torch.float64 else torch.float32
+            masters, grads, coefs, state, v, vc = combine_inputs(size, dtype, dev, scheme, base)
+            masters = [m.to(mdt) for m in masters]
+            state = {k: [t.to(mdt) for t in x] for k, x in state.items()}
+            v = None if v is None else [t.to(mdt) for t in v]
+            params = _poison(make(size, dtype if wm else mdt, dev))
+            acc = torch.zeros(1, device=dev) if vsq and v is not None and mdt == torch.float32 else None
+            yield f"{bname}-{scheme}-vsq={acc is not None}-wm={wm}", (params, masters, grads, coefs, base, state, v,
+                                                                       vc, acc, wm)
+    if dtype == torch.float32:  # fp32 params that are their own masters (LookaheadBio)
+        p = make(size, dtype, dev, seed=3)
+        for bname in ("sgd_mom_first", "adamw_t2"):
+            base = SKIP_BASES[bname]
+            st = {n: make(size, dtype, dev, seed=30 + j, kind="rand", scale=0.1)
+                  for j, n in enumerate(base.state_names())}
+            yield f"params_are_masters-{bname}", (p, p, (None, make(size, dtype, dev, seed=21), None),
+                                                  (0.0, 1.0, 0.0), base, st, None, None, None, True)
+
+
+def skip_sync_cases(row, dtype, size):
+    """(name, args of lookahead_sync_ without skip_if)."""
+    dev = row.device
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for with_params in (False, True):
+        slow = make(size, sdt, dev, seed=1)
+        fast = make(size, sdt if with_params else dtype, dev, seed=2)
+        params = _poison(make(size, dtype, dev)) if with_params else None
+        yield f"params={with_params}", (slow, fast, 0.3, params)
+
+
+def device_base_steps(base: BaseStep, dev) -> dict:
+    """Variants of `base` with 0-d device tensors for lr / step / first, each with the host
+    BaseStep it must equal bit for bit (the host lr is the tensor's value as a double)."""
+    import dataclasses
+    import numpy as np
+    lr32 = torch.tensor(base.lr, dtype=torch.float32, device=dev)
+    host32 = dataclasses.replace(base, lr=float(np.float32(base.lr)))  # the float32 lr's double
+    out = {"lr_f64": (dataclasses.replace(base, lr=torch.tensor(base.lr, dtype=torch.float64, device=dev)), base),
+           "lr_f32": (dataclasses.replace(host32, lr=lr32), host32)}
+    if base.kind == "adamw":
+        out["step_f32"] = (dataclasses.replace(base, step=torch.tensor(float(base.step), device=dev)), base)
+        out["all_i64"] = (dataclasses.replace(host32, lr=lr32, step=torch.tensor(base.step, device=dev)), host32)
+    else:
+        out["first_bool"] = (dataclasses.replace(base, first=torch.tensor(bool(base.first), device=dev)), base)
+        out["all_f32"] = (dataclasses.replace(host32, lr=lr32, first=torch.tensor(float(base.first), device=dev)),
+                          host32)
+    return out

@@ -124,3 +124,232 @@ def test_argument_errors_alike(backend):
             mod.perturb_([torch.zeros(3, device=dev)], [torch.ones(3, device=dev)], [torch.ones(3, device=dev)],
                          torch.ones(2, device=dev), bk)
         assert torch.equal(bk[0], torch.zeros(3, device=dev)), f"{mod}: backup written before the error"
+
+
+# ----------------------------------------------------------------------------- device-side skip
+# skip_if and device-scalar BaseSteps (issue 18 parts 1 and 3) on every row and on the reference
+# itself: every comparison here is bitwise (the same backend with and without the new arguments).
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+
+import _cuda_emu  # noqa: E402
+from lookahead_ext.ops import BaseStep  # noqa: E402
+from op_db import (ROWS, SKIP_DTYPES, SKIP_SET, SKIP_SIZES, SKIP_ZERO, Row, device_base_steps,  # noqa: E402
+                   present_rows, skip_combine_cases, skip_sync_cases)
+
+REFERENCE_ROW = Row("reference", "cpu", SKIP_SIZES, "native", True)
+
+
+def _skip_rows():
+    rows = [REFERENCE_ROW] + present_rows()
+    if _cuda_emu.WHY is not None and not any(r.backend == _cuda_emu.NAME for r in rows):
+        rows.append(ROWS[(_cuda_emu.NAME, "cpu")])
+    out = []
+    for r in rows:
+        marks = []
+        if r.backend == _cuda_emu.NAME:
+            marks.append(pytest.mark.cuda_emu)
+            if _cuda_emu.WHY is not None:
+                marks.append(pytest.mark.skip(reason=_cuda_emu.SKIP_REASON))
+        sizes = [s for s in SKIP_SIZES if s in r.sizes or s in ("odd", "empty", "many")]
+        out += [pytest.param(r, s, marks=marks, id=f"{r.id}-{s}") for s in sizes]
+    return out
+
+
+SKIP_ROWS = [p for p in _skip_rows() if p.values[0].backend == "reference"]  # the backends follow
+
+
+def _impl_for(row, dtype):
+    """The row's implementation for `dtype` (None: the row does not take it, e.g. native fp64)."""
+    dev = torch.device(row.device)
+    if row.backend == "reference":
+        return reference
+    impl = ops.resolve(row.backend, dev, torch.float32)
+    return impl if impl.supports(dev, dtype) else None
+
+
+def _bits(t):
+    """The tensor's bits (NaN payloads and signed zeros included) as an integer tensor."""
+    t = t.detach()
+    return t.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+
+
+def assert_bits_equal(got, want, what):
+    got = [t for t in _flat(got) if not isinstance(t, (float, int, bool))]
+    want = [t for t in _flat(want) if not isinstance(t, (float, int, bool))]
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a is None or b is None:
+            assert a is None and b is None, what
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, i, a.dtype, b.dtype)
+        assert torch.equal(_bits(a), _bits(b)), f"{what}[{i}] (shape {tuple(a.shape)}): bits differ"
+
+
+def _cycle(flags: dict, k: int):
+    """The flag values for the k-th case: all of them for the first case, then one per case in
+    turn (every value still meets every base and variant across the sizes and dtypes)."""
+    items = list(flags.items())
+    return items if k == 0 else [items[k % len(items)]]
+
+
+_COMBINE_WRITTEN = (0, 1, 5, 6, 8)  # params, masters, base state, v, v_sq_out
+
+
+def _written(args):
+    return [args[i] if i != 5 else [args[5][k] for k in sorted(args[5])] for i in _COMBINE_WRITTEN]
+
+
+@pytest.mark.parametrize("dtype", SKIP_DTYPES, ids=[DT_IDS.get(d, "fp64") for d in SKIP_DTYPES])
+@pytest.mark.parametrize("backend,size", SKIP_ROWS)
+def test_skip_if_set_writes_only_params_from_masters(backend, size, dtype):
+    """skip_if nonzero (1.0, NaN, True, 2, a [1] float64): masters, state, v and v_sq_out keep
+    their bits, params == cast(masters) bit for bit (the probe point is restored)."""
+    impl = _impl_for(backend, dtype)
+    if impl is None:
+        pytest.skip(f"{backend.id} does not take {dtype}")
+    for k, (name, args) in enumerate(skip_combine_cases(backend, dtype, size)):
+        for sname, flag in _cycle(SKIP_SET, k):
+            a, before = clone_args(args), clone_args(args)
+            impl.combine_step_(*a, skip_if=flag(backend.device))
+            what = f"{backend.id} combine_step_[{name}] skip_if={sname}"
+            assert_bits_equal(_written(a)[1:], _written(before)[1:], what)
+            assert_bits_equal(a[0], [m.to(p.dtype) for p, m in zip(a[0], before[1])], what + " params")
+    for name, args in skip_sync_cases(backend, dtype, size):
+        for sname, flag in SKIP_SET.items():
+            a, before = clone_args(args), clone_args(args)
+            impl.lookahead_sync_(*a, skip_if=flag(backend.device))
+            assert_bits_equal(a, before, f"{backend.id} lookahead_sync_[{name}] skip_if={sname}")
+
+
+@pytest.mark.parametrize("dtype", SKIP_DTYPES, ids=[DT_IDS.get(d, "fp64") for d in SKIP_DTYPES])
+@pytest.mark.parametrize("backend,size", SKIP_ROWS)
+def test_skip_if_zero_is_skip_if_none(backend, size, dtype):
+    """skip_if zero (0.0, -0.0, False, 0): every output bit-identical to skip_if=None."""
+    impl = _impl_for(backend, dtype)
+    if impl is None:
+        pytest.skip(f"{backend.id} does not take {dtype}")
+    for k, (name, args) in enumerate(skip_combine_cases(backend, dtype, size)):
+        want = clone_args(args)
+        impl.combine_step_(*want)
+        for sname, flag in _cycle(SKIP_ZERO, k):
+            a = clone_args(args)
+            impl.combine_step_(*a, skip_if=flag(backend.device))
+            assert_bits_equal(_written(a), _written(want), f"{backend.id} combine_step_[{name}] skip_if={sname}")
+    for name, args in skip_sync_cases(backend, dtype, size):
+        want = clone_args(args)
+        impl.lookahead_sync_(*want)
+        for sname, flag in SKIP_ZERO.items():
+            a = clone_args(args)
+            impl.lookahead_sync_(*a, skip_if=flag(backend.device))
+            assert_bits_equal(a, want, f"{backend.id} lookahead_sync_[{name}] skip_if={sname}")
+
+
+@pytest.mark.parametrize("dtype", SKIP_DTYPES, ids=[DT_IDS.get(d, "fp64") for d in SKIP_DTYPES])
+@pytest.mark.parametrize("backend,size", SKIP_ROWS)
+def test_device_base_step_is_host_base_step(backend, size, dtype):
+    """A BaseStep whose lr / step / first are 0-d device tensors gives the bits of the host
+    BaseStep (SGD first / not first, Nesterov, no momentum, AdamW at steps 1, 2, 1000, weight
+    decay), with and without a zero skip_if; a set skip_if still writes only the params."""
+    impl = _impl_for(backend, dtype)
+    if impl is None:
+        pytest.skip(f"{backend.id} does not take {dtype}")
+    for name, args in skip_combine_cases(backend, dtype, size):
+        for vname, (dev_base, host_base) in device_base_steps(args[4], backend.device).items():
+            want = clone_args(args[:4] + (host_base,) + args[5:])
+            impl.combine_step_(*want)
+            for skip in (None, torch.zeros((), device=backend.device)):
+                a = clone_args(args[:4] + (dev_base,) + args[5:])
+                impl.combine_step_(*a, skip_if=skip)
+                assert_bits_equal(_written(a), _written(want),
+                                  f"{backend.id} combine_step_[{name}] {vname} skip_if={skip is not None}")
+        a, before = clone_args(args[:4] + (dev_base,) + args[5:]), clone_args(args)
+        impl.combine_step_(*a, skip_if=torch.ones((), device=backend.device))
+        assert_bits_equal(_written(a)[1:], _written(before)[1:], f"{backend.id} combine_step_[{name}] skipped")
+
+
+def test_device_args_layout_is_kernel_args():
+    """BaseStep.device_args: KernelArgs' hyper then flags, the host doubles bit for bit (float64)."""
+    for base in (BASES["sgd_mom_first"], BASES["sgd_nesterov"], BASES["adamw"], BASES["adamw_t7"]):
+        for vname, (dev_base, host_base) in device_base_steps(base, "cpu").items():
+            k = host_base.kernel_args()
+            got = dev_base.device_args()
+            assert got.dtype == torch.float64 and got.shape == (len(k.hyper) + 2,)
+            assert got.tolist() == [*k.hyper, *k.flags], (vname, got.tolist(), k)
+    for step in (1, 2, 3, 10, 999, 1000, 12345):  # beta**step: torch.pow is Python's pow bit for bit
+        b = BaseStep("adamw", lr=1e-3, step=step)
+        assert dataclasses.replace(b, step=torch.tensor(step)).device_args().tolist()[:7] == list(b.kernel_args().hyper)
+    buf = torch.empty(6, dtype=torch.float64)
+    assert BaseStep(lr=torch.tensor(0.5, dtype=torch.float64)).device_args(out=buf) is buf and buf[0] == 0.5
+    with pytest.raises(ValueError, match="float64 tensor of 9 elements"):
+        BaseStep("adamw", step=torch.tensor(2)).device_args(out=buf)
+    with pytest.raises(ValueError, match="real tensor with one element"):
+        BaseStep(lr=torch.ones(2))
+
+
+_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every Python-level read of a tensor's value raises (Tensor.item, tolist, bool(), float(),
+    int(), index): what a device-resident op on CUDA must never do."""
+    def boom(self, *a, **k):
+        raise AssertionError("host read of a tensor")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _READS:
+            mp.setattr(torch.Tensor, name, boom)
+        yield
+
+
+@pytest.mark.parametrize("backend", [pytest.param(r, marks=m, id=r.id) for r, _, m in
+                                     {(p.values[0].id): (p.values[0], None, p.marks) for p in SKIP_ROWS}.values()])
+def test_no_host_read_with_device_scalars(backend):
+    """combine_step_ with skip_if and a device BaseStep, lookahead_sync_ with skip_if: no host
+    read of any tensor (Tensor.item / tolist / bool / float / int / index raise), set and not set."""
+    impl = reference if backend.backend == "reference" else ops.resolve(backend.backend, torch.device(backend.device),
+                                                                        torch.float32)
+    calls = []
+    for name, args in skip_combine_cases(backend, torch.float32, "odd"):
+        dev_base = next(iter(device_base_steps(args[4], backend.device).values()))[0]
+        dev_base = dataclasses.replace(dev_base, **({"step": torch.tensor(3.0)} if dev_base.kind == "adamw" else
+                                                    {"first": torch.tensor(False)}))
+        for flag in (0.0, 1.0):
+            calls.append((impl.combine_step_, clone_args(args[:4] + (dev_base,) + args[5:]), torch.tensor(flag)))
+    for name, args in skip_sync_cases(backend, torch.float32, "odd"):
+        for flag in (0.0, 1.0, True):
+            calls.append((impl.lookahead_sync_, clone_args(args), torch.tensor(flag)))
+    with no_host_reads():
+        with pytest.raises(AssertionError, match="host read"):
+            bool(torch.ones(()))  # armed
+        for fn, args, flag in calls:
+            fn(*args, skip_if=flag)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(r, marks=m, id=r.id) for r, _, m in
+                                     {(p.values[0].id): (p.values[0], None, p.marks) for p in SKIP_ROWS}.values()])
+def test_skip_if_argument_errors(backend):
+    """skip_if on another device, with more than one element, complex, not a tensor; a BaseStep
+    tensor on another device: a ValueError naming the problem (no tensor printed), nothing written."""
+    impl = reference if backend.backend == "reference" else ops.resolve(backend.backend, torch.device(backend.device),
+                                                                        torch.float32)
+    dev = backend.device
+    args = next(skip_combine_cases(backend, torch.float32, "odd"))[1]
+    sync = next(skip_sync_cases(backend, torch.float32, "odd"))[1]
+    bad = [(torch.ones((), device="meta"), "skip_if is on meta"), (torch.ones(2, device=dev), r"one element.*\(2,\)"),
+           (torch.ones((1, 1, 2), device=dev), "one element"),
+           (torch.ones((), dtype=torch.complex64, device=dev), "real tensor.*complex64"), (1.0, "got float")]
+    for flag, msg in bad:
+        a, before = clone_args(args), clone_args(args)
+        with pytest.raises(ValueError, match=msg) as e:
+            impl.combine_step_(*a, skip_if=flag)
+        assert "tensor(" not in str(e.value)
+        assert_bits_equal(_written(a), _written(before), f"{backend.id} combine_step_ after error {msg}")
+        s, before = clone_args(sync), clone_args(sync)
+        with pytest.raises(ValueError, match=msg):
+            impl.lookahead_sync_(*s, skip_if=flag)
+        assert_bits_equal(s, before, f"{backend.id} lookahead_sync_ after error {msg}")
+    a, before = clone_args(args), clone_args(args)
+    with pytest.raises(ValueError, match="base.lr is on meta"):
+        impl.combine_step_(*a[:4], dataclasses.replace(a[4], lr=torch.tensor(0.1, device="meta")), *a[5:])
+    assert_bits_equal(_written(a), _written(before), f"{backend.id} combine_step_ after a base error")

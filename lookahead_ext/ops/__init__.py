@@ -7,12 +7,15 @@ the same signatures and is tested against the reference):
   tensor lists (deterministic).
 - ``perturb_(out, base, direction, scale, backup=None)``: the probe write w + scale*v.
 - ``combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
-  v_sq_out=None, write_masters=True)``: d = sum c_i g_i, the base optimizer step (SGD/AdamW)
-  and the momentum-v update, one pass. ``v_sq_out`` (float32 [1], with v): += sum v_new^2
+  v_sq_out=None, write_masters=True, skip_if=None)``: d = sum c_i g_i, the base optimizer step
+  (SGD/AdamW) and the momentum-v update, one pass. ``skip_if`` (a one-element device tensor,
+  read on the device): nonzero leaves masters, v, the base state and v_sq_out bit-identical
+  and writes params <- cast(masters). ``base``'s lr / step / first may be 0-d device tensors. ``v_sq_out`` (float32 [1], with v): += sum v_new^2
   (multi_dot's deterministic summation; the next step's ||v|| without a pass over v).
   ``write_masters=False``: the new w goes to params only, masters are read (params must
   have the masters' dtype: float32 params whose masters are scratch backups).
-- ``lookahead_sync_(slow, fast, alpha, params=None)``: slow += alpha(fast - slow), fast = slow.
+- ``lookahead_sync_(slow, fast, alpha, params=None, skip_if=None)``: slow += alpha(fast - slow),
+  fast = slow; a nonzero ``skip_if`` writes nothing.
 - ``nonfinite_(lists, inv_scale=None, sq_norms=False)``: fused NaN/Inf check with optional
   AMP unscale; ``sq_norms=True`` returns [flag, ||lists[0]||^2, ...] (float32 [1 + len]) from
   the same read of the data.
@@ -178,13 +181,14 @@ def perturb_(out, base, direction, scale, backup=None, backend: str = "auto") ->
 
 def combine_step_(params, masters, grads, coefs, base: BaseStep, base_state: dict,
                   v=None, v_coefs=None, v_sq_out: Optional[Tensor] = None,
-                  write_masters: bool = True, backend: str = "auto") -> None:
+                  write_masters: bool = True, skip_if: Optional[Tensor] = None, backend: str = "auto") -> None:
     _impl(backend, _first(params)).combine_step_(params, masters, grads, coefs, base,
-                                                  base_state, v, v_coefs, v_sq_out, write_masters)
+                                                  base_state, v, v_coefs, v_sq_out, write_masters, skip_if)
 
 
-def lookahead_sync_(slow, fast, alpha: float, params=None, backend: str = "auto") -> None:
-    _impl(backend, _first(fast)).lookahead_sync_(slow, fast, alpha, params)
+def lookahead_sync_(slow, fast, alpha: float, params=None, skip_if: Optional[Tensor] = None,
+                    backend: str = "auto") -> None:
+    _impl(backend, _first(fast)).lookahead_sync_(slow, fast, alpha, params, skip_if)
 
 
 def nonfinite_(lists, inv_scale: Optional[Tensor] = None, sq_norms: bool = False,

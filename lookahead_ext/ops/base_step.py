@@ -18,14 +18,32 @@ AdamW (torch.optim.AdamW semantics, decoupled weight decay)::
     s   <- beta2 * s + (1 - beta2) * d * d
     w   <- w - lr / (1 - beta1**step) * m / (sqrt(s) / sqrt(1 - beta2**step) + eps)
 
-All values are host scalars: kernels take them as runtime arguments, so a new lr
-(an lr scheduler) never recompiles anything. `BaseStep.kernel_args()` is the one host-side
-packing of them that every fused backend (csrc/ and kernels/) reads.
+Values are host scalars, or (``lr``, ``step``, ``first``) 0-d tensors on the parameters'
+device: kernels take them as runtime arguments, so a new lr (an lr scheduler) never
+recompiles anything. `BaseStep.kernel_args()` is the one host-side packing of them that
+every fused backend (csrc/ and kernels/) reads. With a tensor field, `BaseStep.device_args()`
+packs the same values into ONE float64 device tensor, computed with torch ops on the device
+(no host read), and the kernels read the scalars from it. Its layout (csrc/op_args.h reads
+it), ``len(hyper) + 2`` float64 entries, KernelArgs' order::
+
+    SGD   (6): lr, weight_decay, momentum, dampening, nesterov, first
+    AdamW (9): 1 - lr*weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / bias_correction1,
+               sqrt(bias_correction2), 0, 0
+
+Every entry is the double the host path computes (same operations, same order: Python's
+``beta ** step`` and ``x ** 0.5`` are ``pow`` on the CPU, so the host and device packings
+are equal bit for bit there); the kernels round each to float32 exactly as they round the
+host values. On CUDA, ``pow`` is the device's (within an ulp of double): the float32
+values can differ from the host path's only where that ulp crosses a float32 rounding
+boundary.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
 
 SGD = "sgd"
 ADAMW = "adamw"
@@ -44,39 +62,78 @@ class KernelArgs(NamedTuple):
     flags: tuple
 
 
+# BaseStep fields that may be 0-d device tensors (read on the device only)
+DEVICE_FIELDS = ("lr", "step", "first")
+
+
+def _check_device_field(name: str, x) -> None:
+    if isinstance(x, Tensor):
+        if x.numel() != 1 or x.is_complex():
+            raise ValueError(f"BaseStep.{name}: a tensor {name} must be a real tensor with one element, got "
+                             f"{x.dtype} of shape {tuple(x.shape)}")
+
+
 @dataclass(frozen=True)
 class BaseStep:
+    """The SGD / AdamW step of `combine_step_` (the math: this module's docstring).
+
+    Args:
+        kind: "sgd" or "adamw".
+        lr: learning rate: a float, or a 0-d tensor on the parameters' device.
+        weight_decay, momentum, dampening, nesterov, beta1, beta2, eps: host floats/bools.
+        first: SGD: the momentum buffer is initialised to d at this step: a bool, or a 0-d
+            tensor (nonzero: True).
+        step: AdamW: the step count after this update (>= 1): an int, or a 0-d tensor (not
+            checked on the host).
+    """
     kind: str = SGD
-    lr: float = 1e-3
+    lr: Union[float, Tensor] = 1e-3
     weight_decay: float = 0.0
     # SGD
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
-    first: bool = False  # SGD: the momentum buffer is initialised to d at this step
+    first: Union[bool, Tensor] = False  # SGD: the momentum buffer is initialised to d at this step
     # AdamW
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    step: int = 1  # AdamW: step count after this update (>= 1)
+    step: Union[int, Tensor] = 1  # AdamW: step count after this update (>= 1)
 
     def __post_init__(self):
         if self.kind not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {self.kind!r}")
-        if self.kind == ADAMW and self.step < 1:
+        for name in DEVICE_FIELDS:
+            _check_device_field(name, getattr(self, name))
+        if self.kind == ADAMW and not isinstance(self.step, Tensor) and self.step < 1:
             raise ValueError("AdamW step count must be >= 1")
+
+    @property
+    def on_device(self) -> bool:
+        """Some field (lr, step, first) is a tensor: the kernels read `device_args()`."""
+        return any(isinstance(getattr(self, n), Tensor) for n in DEVICE_FIELDS)
+
+    def device(self) -> Optional[torch.device]:
+        """The device of the tensor fields (None: all host numbers)."""
+        for n in DEVICE_FIELDS:
+            x = getattr(self, n)
+            if isinstance(x, Tensor):
+                return x.device
+        return None
 
     @property
     def uses_momentum(self) -> bool:
         return self.kind == SGD and self.momentum != 0.0
 
     @property
-    def bias_correction1(self) -> float:
-        return 1.0 - self.beta1**self.step
+    def bias_correction1(self):
+        """1 - beta1**step (a float64 0-d tensor when step is a tensor)."""
+        return 1.0 - _pow(self.beta1, self.step)
 
     @property
-    def bias_correction2(self) -> float:
-        return 1.0 - self.beta2**self.step
+    def bias_correction2(self):
+        """1 - beta2**step (a float64 0-d tensor when step is a tensor)."""
+        return 1.0 - _pow(self.beta2, self.step)
 
     def state_names(self) -> tuple[str, ...]:
         """Names of the per-parameter state buffers this base step reads and writes."""
@@ -85,10 +142,71 @@ class BaseStep:
         return ("momentum_buffer",) if self.uses_momentum else ()
 
     def kernel_args(self) -> KernelArgs:
-        """The host scalars of this step in the layout of csrc/op_args.h (see KernelArgs)."""
+        """The host scalars of this step in the layout of csrc/op_args.h (see KernelArgs).
+        With tensor fields, the entries derived from them are 0 here (never read on the
+        host): the kernels take those from `device_args()`."""
+        if self.on_device:
+            host = self._host_twin()
+            return host.kernel_args()
         if self.kind == ADAMW:
             hyper = (1.0 - self.lr * self.weight_decay, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2,
                      self.eps, self.lr / self.bias_correction1, self.bias_correction2 ** 0.5)
             return KernelArgs(1, tuple(float(x) for x in hyper), (0, 0))
         hyper = (self.lr, self.weight_decay, self.momentum, self.dampening)
         return KernelArgs(0, tuple(float(x) for x in hyper), (int(self.nesterov), int(self.first)))
+
+    def _host_twin(self) -> "BaseStep":
+        """This step with placeholder host numbers for the tensor fields (lr 0, step 1,
+        first False): the structure (kind, state buffers, momentum) without a host read."""
+        from dataclasses import replace
+        return replace(self, lr=0.0 if isinstance(self.lr, Tensor) else self.lr,
+                       step=1 if isinstance(self.step, Tensor) else self.step,
+                       first=False if isinstance(self.first, Tensor) else self.first)
+
+    def device_entries(self, device) -> list:
+        """The entries of `device_args` (module docstring): host floats, or float64 0-d
+        tensors on `device` computed from the tensor fields with torch ops (no host read)."""
+        lr = _f64(self.lr, device)
+        if self.kind == ADAMW:
+            step = _f64(self.step, device)
+            bc2 = 1.0 - _pow(self.beta2, step)
+            sqrt_bc2 = (torch.pow(bc2, torch.full_like(bc2, 0.5)) if isinstance(bc2, Tensor)  # pow, as x**0.5
+                        else bc2 ** 0.5)
+            return [1.0 - lr * self.weight_decay, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.eps,
+                    lr / (1.0 - _pow(self.beta1, step)), sqrt_bc2, 0.0, 0.0]
+        first = (self.first != 0).to(torch.float64) if isinstance(self.first, Tensor) else float(bool(self.first))
+        return [lr, self.weight_decay, self.momentum, self.dampening, float(bool(self.nesterov)), first]
+
+    def device_args(self, device=None, out: Optional[Tensor] = None) -> Tensor:
+        """ONE float64 tensor on `device` (default: the tensor fields' device) with the
+        kernels' scalars in KernelArgs' order (module docstring), written with device ops
+        only (fill_: no host read, no host-to-device copy). ``out``: a float64 tensor of
+        ``len(hyper) + 2`` elements to write into (a persistent buffer for graph capture)."""
+        device = torch.device(device) if device is not None else (self.device() or torch.device("cpu"))
+        entries = self.device_entries(device)
+        if out is None:
+            out = torch.empty(len(entries), dtype=torch.float64, device=device)
+        elif out.dtype != torch.float64 or out.numel() != len(entries) or out.device != device:
+            raise ValueError(f"BaseStep.device_args: out must be a float64 tensor of {len(entries)} elements on "
+                             f"{device}, got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
+        flat = out.view(-1)
+        for i, x in enumerate(entries):
+            flat[i].fill_(x)
+        return out
+
+
+def _f64(x, device):
+    """A tensor field as a float64 0-d tensor on `device` (exact for float32/int values); a
+    host number as a Python float (the host path's double)."""
+    if isinstance(x, Tensor):
+        return x.detach().reshape(()).to(device=device, dtype=torch.float64)
+    return float(x)
+
+
+def _pow(beta: float, step):
+    """beta**step: Python's pow for a host step, torch.pow (the same C pow on the CPU) in
+    float64 for a tensor step."""
+    if isinstance(step, Tensor):
+        s = step.detach().reshape(()).to(torch.float64)
+        return torch.pow(torch.full_like(s, beta), s)
+    return beta**step

@@ -37,6 +37,53 @@ def check_scale(scale) -> None:
                          f"got shape {tuple(scale.shape)}")
 
 
+def check_skip_if(op: str, skip_if, device) -> None:
+    """The `skip_if` of combine_step_ / lookahead_sync_: None, or a real tensor with one element
+    (0-d or [1]; any real dtype, bool included) on the op's device (`device`: a torch.device,
+    or None when the op has no tensors). Checked before anything is written; host-only
+    (dtype, shape, device: the value is never read)."""
+    if skip_if is None:
+        return
+    if not isinstance(skip_if, Tensor):
+        raise ValueError(f"{op}: skip_if must be None or a tensor with one element on the params' device, "
+                         f"got {type(skip_if).__name__}")
+    if skip_if.is_complex():
+        raise ValueError(f"{op}: skip_if must be a real tensor (a float, integer or bool flag), got {skip_if.dtype}")
+    if skip_if.numel() != 1:
+        raise ValueError(f"{op}: skip_if must have one element (a 0-d flag), got shape {tuple(skip_if.shape)}")
+    if device is not None and skip_if.device != torch.device(device):
+        raise ValueError(f"{op}: skip_if is on {skip_if.device}, the tensors on {device}: it is read on the "
+                         "device, never on the host")
+
+
+def check_combine_scalars(params, base, skip_if) -> None:
+    """combine_step_'s device scalars: skip_if (check_skip_if) and the base step's tensor
+    fields (lr, step, first) on the params' device."""
+    device = params[0].device if params else None
+    check_skip_if("combine_step_", skip_if, device)
+    if device is not None and base.on_device:
+        for name in ("lr", "step", "first"):
+            x = getattr(base, name)
+            if isinstance(x, Tensor) and x.device != device:
+                raise ValueError(f"combine_step_: base.{name} is on {x.device}, the params on {device}: "
+                                 "it is read on the device, never on the host")
+
+
+def skip_flag(skip_if: Tensor) -> Tensor:
+    """0-d bool tensor on skip_if's device: skip_if != 0 (NaN counts as set). No host read."""
+    return skip_if.detach().reshape(()) != 0
+
+
+def skip_f32(skip_if: Optional[Tensor]) -> Optional[Tensor]:
+    """skip_if as the kernels take it: a float32 one-element tensor on its device, 1.0 where
+    it is set (any nonzero value, NaN included), else 0.0 (a device op, no host read)."""
+    if skip_if is None:
+        return None
+    if skip_if.dtype == torch.float32 and not skip_if.requires_grad:
+        return skip_if
+    return skip_flag(skip_if).to(torch.float32)
+
+
 def linear_combination(terms: Sequence[tuple[object, Optional[TensorList]]], like: TensorList, cdt) -> list[Tensor]:
     """sum_k coef_k * lists_k (elementwise over the list) in dtype `cdt`, skipping None lists
     and float zero coefficients; zeros shaped like `like` when no term remains."""
@@ -225,21 +272,23 @@ def check_perturb_aliasing(out, base, direction, scale, backup) -> None:
 
 
 def check_combine_aliasing(params, masters, grads, base, base_state: dict, v, v_coefs, v_sq_out,
-                           write_masters: bool) -> None:
+                           write_masters: bool, skip_if=None) -> None:
     """combine_step_: params, masters (with write_masters), the base state buffers, v and
     v_sq_out are written; params[i] may be masters[i] itself; the gradient lists may alias
-    each other."""
+    each other; skip_if and the base step's device scalars are read."""
     written = [("params", params), ("masters", masters if write_masters else None), ("v", v),
                ("v_sq_out", v_sq_out)] + [(name, base_state.get(name)) for name in base.state_names()]
     read = [("masters", None if write_masters else masters)]
     read += [(name, g) for name, g in zip(("g0", "gp", "gm"), grads)]
     read += [(f"v_coefs[{k}]", c) for k, c in enumerate(v_coefs or ()) if isinstance(c, Tensor)]
+    read += [("skip_if", skip_if)]
+    read += [(f"base.{n}", getattr(base, n)) for n in ("lr", "step", "first") if isinstance(getattr(base, n), Tensor)]
     check_aliasing("combine_step_", written, read)
 
 
-def check_sync_aliasing(slow, fast, params) -> None:
-    """lookahead_sync_: slow, fast and params are all written."""
-    check_aliasing("lookahead_sync_", (("slow", slow), ("fast", fast), ("params", params)))
+def check_sync_aliasing(slow, fast, params, skip_if=None) -> None:
+    """lookahead_sync_: slow, fast and params are all written; skip_if is read."""
+    check_aliasing("lookahead_sync_", (("slow", slow), ("fast", fast), ("params", params)), (("skip_if", skip_if),))
 
 
 def check_nonfinite_aliasing(lists, inv_scale) -> None:

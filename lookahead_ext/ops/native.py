@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import reference
 from .base_step import BaseStep
 from .helpers import (check_combine_aliasing, check_combine_extras, check_nonfinite_aliasing,
                       check_perturb_aliasing, check_same_length, check_sync_aliasing)
@@ -191,11 +192,14 @@ class NativeBackend:
 
     def combine_step_(self, params, masters, grads, coefs, base: BaseStep, base_state: dict,
                       v=None, v_coefs=None, v_sq_out: Optional[Tensor] = None,
-                      write_masters: bool = True) -> None:
+                      write_masters: bool = True, skip_if: Optional[Tensor] = None) -> None:
         """One pass: d = sum c_i g_i, SGD/AdamW step on masters, params = cast(masters) and
         v = bv v + a0 g0 + a+ g+ + a- g- (Algorithm 1, lines 12-16; eqs. 9, 115).
         v_sq_out (float32 [1], with v): += sum v_new^2, fused (multi_dot's summation).
         write_masters=False: the new w goes to params only (same dtype), masters are read."""
+        if skip_if is not None or base.on_device:  # interim (kernels next): the reference, no host read
+            return reference.combine_step_(params, masters, grads, coefs, base, base_state, v, v_coefs, v_sq_out,
+                                           write_masters, skip_if)
         check_combine_extras(params, masters, v, v_sq_out, write_masters)
         if not params:
             return
@@ -223,8 +227,10 @@ class NativeBackend:
         for x in (p, m, c1, c2, vv):
             x.flush()
 
-    def lookahead_sync_(self, slow, fast, alpha: float, params=None) -> None:
+    def lookahead_sync_(self, slow, fast, alpha: float, params=None, skip_if: Optional[Tensor] = None) -> None:
         """slow += alpha (fast - slow); fast = slow; params = slow (Algorithm 1, line 18)."""
+        if skip_if is not None:  # interim (kernels next): the reference, no host read
+            return reference.lookahead_sync_(slow, fast, alpha, params, skip_if)
         if not slow:
             return
         check_sync_aliasing(slow, fast, params)

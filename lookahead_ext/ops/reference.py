@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from .base_step import ADAMW, BaseStep
-from .helpers import (TensorList, check_combine_aliasing, check_combine_extras, check_nonfinite_aliasing,
-                      check_perturb_aliasing, check_same_length, check_scale, check_sync_aliasing,
-                      compute_dtype, linear_combination)
+from .helpers import (TensorList, check_combine_aliasing, check_combine_extras, check_combine_scalars,
+                      check_nonfinite_aliasing, check_perturb_aliasing, check_same_length, check_scale, check_skip_if,
+                      check_sync_aliasing, compute_dtype, linear_combination, skip_flag)
 from .helpers import upcast as _up
 
 Scalar = "float | Tensor"
@@ -85,27 +85,44 @@ def base_step_(masters: TensorList, d: list[Tensor], base: BaseStep, state: dict
     """Apply the torch.optim.SGD / AdamW update to masters with direction d (see base_step.py).
 
     `state` maps buffer names (base.state_names()) to tensor lists updated in place.
-    `d` is consumed (may be modified in place).
+    `d` is consumed (may be modified in place). With device scalars (base.on_device) the
+    scalars are base.device_entries(): the same doubles, used by ops that round them to the
+    compute dtype as the Python-scalar ops do (add with alpha -> addcmul by a 0-d tensor:
+    the same fused multiply-add; addcdiv -> its multiply, divide, add), no host read.
     """
     masters = list(masters)
+    dev = base.on_device
+    h = base.device_entries(masters[0].device) if dev and masters else None
     if base.kind == ADAMW:
         if base.weight_decay != 0.0:
-            torch._foreach_mul_(masters, 1.0 - base.lr * base.weight_decay)
+            torch._foreach_mul_(masters, h[0] if dev else 1.0 - base.lr * base.weight_decay)
         m, s = list(state["exp_avg"]), list(state["exp_avg_sq"])
         torch._foreach_lerp_(m, d, 1.0 - base.beta1)
         torch._foreach_mul_(s, base.beta2)
         torch._foreach_addcmul_(s, d, d, 1.0 - base.beta2)
-        step_size = base.lr / base.bias_correction1
         denom = torch._foreach_sqrt(s)
-        torch._foreach_div_(denom, base.bias_correction2**0.5)
+        if not dev:
+            step_size = base.lr / base.bias_correction1
+            torch._foreach_div_(denom, base.bias_correction2**0.5)
+            torch._foreach_add_(denom, base.eps)
+            torch._foreach_addcdiv_(masters, m, denom, -step_size)
+            return
+        torch._foreach_div_(denom, _scalar(h[6]))
         torch._foreach_add_(denom, base.eps)
-        torch._foreach_addcdiv_(masters, m, denom, -step_size)
+        upd = torch._foreach_mul(m, _scalar(-h[5]))  # addcdiv: s + (v*x)/y, each op rounded
+        torch._foreach_div_(upd, denom)
+        torch._foreach_add_(masters, upd)
         return
     if base.weight_decay != 0.0:
         torch._foreach_add_(d, masters, alpha=base.weight_decay)
     if base.momentum != 0.0:
         bufs = list(state["momentum_buffer"])
-        if base.first:
+        if isinstance(base.first, Tensor):  # both updates, then a select: no host read
+            first = h[5] != 0
+            new = torch._foreach_mul(bufs, base.momentum)
+            torch._foreach_add_(new, d, alpha=1.0 - base.dampening)
+            torch._foreach_copy_(bufs, [torch.where(first, x, y) for x, y in zip(d, new)])
+        elif base.first:
             torch._foreach_copy_(bufs, d)
         else:
             torch._foreach_mul_(bufs, base.momentum)
@@ -114,14 +131,23 @@ def base_step_(masters: TensorList, d: list[Tensor], base: BaseStep, state: dict
             torch._foreach_add_(d, bufs, alpha=base.momentum)
         else:
             d = bufs
-    torch._foreach_add_(masters, d, alpha=-base.lr)
+    if isinstance(base.lr, Tensor):  # w + (-lr) d as one fused multiply-add, as add(alpha=-lr)
+        torch._foreach_addcmul_(masters, d, [_scalar(-h[0])] * len(masters))
+    else:
+        torch._foreach_add_(masters, d, alpha=-base.lr)
+
+
+def _scalar(x):
+    """A device_entries value for a foreach op: a 0-d tensor as it is, a host float as a float."""
+    return x if isinstance(x, Tensor) else float(x)
 
 
 def combine_step_(params: TensorList, masters: TensorList,
                   grads: Sequence[Optional[TensorList]], coefs: Sequence,
                   base: BaseStep, base_state: dict,
                   v: Optional[TensorList] = None, v_coefs: Optional[Sequence] = None,
-                  v_sq_out: Optional[Tensor] = None, write_masters: bool = True) -> None:
+                  v_sq_out: Optional[Tensor] = None, write_masters: bool = True,
+                  skip_if: Optional[Tensor] = None) -> None:
     """The fused inner step (Algorithm 1, lines 12-16; eq. 9 and eq. 115), elementwise:
 
         d      = c0*g0 + cp*gp + cm*gm                      (eq. 9 for CMLR: c0 = 0)
@@ -146,11 +172,42 @@ def combine_step_(params: TensorList, masters: TensorList,
         (float32 parameters whose masters are scratch backups of w, rewritten by the next
         perturb_ with backup=masters). params must have the masters' dtype. Saves the
         4 B/elem masters write.
+    skip_if: None, or a one-element real tensor on the params' device, read on the device
+        (torch.where here, never a host read). Nonzero (NaN included): masters, v, every
+        base-state buffer and v_sq_out keep their bits, and params <- cast(masters) (the
+        restore of w after a probe; nothing else). Zero: the results of skip_if=None, bit
+        for bit.
+    base: its lr / step / first may be 0-d tensors on the params' device (BaseStep).
     """
     check_combine_extras(params, masters, v, v_sq_out, write_masters)
+    check_combine_scalars(params, base, skip_if)
     if not params:
         return
-    check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters)
+    check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters, skip_if)
+    if skip_if is None:
+        _combine(params, masters, grads, coefs, base, base_state, v, v_coefs, v_sq_out, write_masters)
+        return
+    # every written tensor is computed as today, then its old bits are selected back where
+    # skip_if is set (a select: no arithmetic on the old values, the new ones' NaNs never leak)
+    skip = skip_flag(skip_if)
+    kept = [list(masters) if write_masters else []] + [list(base_state[n]) for n in base.state_names()]
+    kept += [list(v)] if v is not None else []
+    kept += [[v_sq_out]] if v_sq_out is not None else []
+    old = [[t.clone() for t in lst] for lst in kept]
+    _combine(params, masters, grads, coefs, base, base_state, v, v_coefs, v_sq_out, write_masters)
+    _select_old(skip, kept, old)
+    torch._foreach_copy_(list(params), [torch.where(skip, m.to(p.dtype), p) for p, m in zip(params, masters)])
+
+
+def _select_old(skip: Tensor, kept: list, old: list) -> None:
+    """kept[k][i] <- old[k][i] where the 0-d bool `skip` is set (a select: bit for bit)."""
+    for lst, olds in zip(kept, old):
+        if lst:
+            torch._foreach_copy_(lst, [torch.where(skip, o, t) for o, t in zip(olds, lst)])
+
+
+def _combine(params, masters, grads, coefs, base, base_state, v, v_coefs, v_sq_out, write_masters) -> None:
+    """combine_step_ without skip_if (arguments checked)."""
     cdt = masters[0].dtype
     if v is not None:
         bv, a0, ap, am = v_coefs
@@ -167,15 +224,25 @@ def combine_step_(params: TensorList, masters: TensorList,
 
 
 def lookahead_sync_(slow: TensorList, fast: TensorList, alpha: float,
-                    params: Optional[TensorList] = None) -> None:
+                    params: Optional[TensorList] = None, skip_if: Optional[Tensor] = None) -> None:
     """Lookahead outer step (Algorithm 1, line 18): slow <- slow + alpha*(fast - slow), fast <- slow.
 
     `fast` is written with the new slow weights (cast to its dtype); when `params` is
     given (model parameters kept apart from fp32 fast masters) it is written too.
+    skip_if: None, or a one-element real tensor on the tensors' device, read on the device:
+    nonzero (NaN included) writes nothing (every tensor keeps its bits); zero is skip_if=None.
     """
+    check_skip_if("lookahead_sync_", skip_if, slow[0].device if slow else None)
     if not slow:
         return
-    check_sync_aliasing(slow, fast, params)
+    check_sync_aliasing(slow, fast, params, skip_if)
+    if skip_if is not None:
+        skip = skip_flag(skip_if)
+        kept = [list(slow), list(fast)] + ([list(params)] if params is not None else [])
+        old = [[t.clone() for t in lst] for lst in kept]
+        lookahead_sync_(slow, fast, alpha, params)
+        _select_old(skip, kept, old)
+        return
     cdt = slow[0].dtype
     torch._foreach_lerp_(list(slow), _up(fast, cdt), float(alpha))
     torch._foreach_copy_(list(fast), list(slow))

@@ -138,13 +138,18 @@ def perturb_(out, base, direction, scale, backup=None) -> None:
 
 
 def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coefs=None,
-                  v_sq_out=None, write_masters=True) -> None:
+                  v_sq_out=None, write_masters=True, skip_if=None) -> None:
+    if skip_if is not None or base.on_device:  # not in the Triton kernels yet: the reference (device ops, no host read)
+        return reference.combine_step_(params, masters, grads, coefs, base, base_state, v, v_coefs, v_sq_out,
+                                       write_masters, skip_if)
     check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters)
     return _run("combine_step_", (params,), (params, masters, grads, coefs, base, base_state, v,
                                              v_coefs, v_sq_out, write_masters))
 
 
-def lookahead_sync_(slow, fast, alpha: float, params=None) -> None:
+def lookahead_sync_(slow, fast, alpha: float, params=None, skip_if=None) -> None:
+    if skip_if is not None:  # not in the Triton kernels yet: the reference (device ops, no host read)
+        return reference.lookahead_sync_(slow, fast, alpha, params, skip_if)
     check_sync_aliasing(slow, fast, params)
     return _run("lookahead_sync_", (slow,), (slow, fast, alpha, params))
 
