@@ -350,3 +350,82 @@ def test_device_scalars_equal_host_floats():
     sq = (torch.rand(4000, generator=g) * 10.0 ** torch.randint(-12, 12, (4000,), generator=g)).float()
     for x in sq:
         assert inv_norm(x, 1e-12, on_device=True).item() == inv_norm(float(x), 1e-12)
+
+
+def test_lookahead_wrapper_around_device_mode():
+    """Lookahead around a probe optimizer in the device-flag mode: exact (it reads the inner
+    optimizer's num_steps once per step, a host read: documented)."""
+    runs = []
+    for device_skip in (False, True):
+        model = small_model()
+        x, y = small_batch()
+        closure = mse_closure(model, x, y)
+        inner = la.SAM(model.parameters(), lr=0.05, backend="reference", device_skip=device_skip)
+        opt = la.Lookahead(inner, k=2, alpha=0.5, backend="reference")
+
+        def bad():
+            loss = closure()
+            next(model.parameters()).grad.view(-1)[0] = math.nan
+            return loss
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for step in range(6):
+                opt.step(bad if step in (1, 2) else closure)
+        runs.append((model, opt))
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(a, b)
+    slow = []
+    for model, opt in runs:
+        with opt.slow_weights():  # the model holds the slow weights inside
+            slow.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*slow))
+    assert runs[1][1].optimizer.num_skipped == 2
+
+
+def test_runtime_allocations_per_step_do_not_grow():
+    """Part 3, measured: the tensors the runtime itself (lookahead_ext/optim) allocates per
+    step in the device-flag mode, counted with a TorchDispatchMode over steps 2+ (closure
+    excluded), are the same number every step (small 0-d scalars and the fused checks'
+    outputs; not zero: docs/gpu.md, "A capturable step")."""
+    import os
+    import sys
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    optim_dir = os.path.dirname(sys.modules["lookahead_ext.optim.runtime"].__file__)
+
+    class Allocs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.on, self.n = False, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if self.on:
+                f = sys._getframe(1)
+                while f is not None and not f.f_code.co_filename.startswith(os.path.dirname(optim_dir)):
+                    f = f.f_back
+                if f is not None and f.f_code.co_filename.startswith(optim_dir):
+                    ins = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                           if isinstance(a, torch.Tensor)}
+                    self.n += sum(1 for o in tree_leaves(out) if isinstance(o, torch.Tensor)
+                                  and o.untyped_storage().data_ptr() not in ins)
+            return out
+
+    for name in ("SAM", "CMLR"):
+        info = INFO[name]
+        model = small_model()
+        closure = mse_closure(model, *small_batch())
+        opt = info.cls(model.parameters(), backend="reference", device_skip=True, **info.kwargs)
+        counts = []
+        mode = Allocs()
+        with mode:
+            for step in range(6):
+                mode.n, mode.on = 0, True
+                for probe in opt.probes():
+                    mode.on = False
+                    probe.loss = closure()
+                    mode.on = True
+                mode.on = False
+                counts.append(mode.n)
+        assert len(set(counts[2:])) == 1, counts
+        assert counts[2] > 0  # what is left to do for a step without allocations

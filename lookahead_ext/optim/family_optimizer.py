@@ -353,8 +353,8 @@ class ProbeOptimizer(ProbeRuntime):
             if v_sq is not None:  # every v was rewritten by this step: ||v||^2 for the next
                 sq = v_sq[0]
                 if self._dev is not None:  # a skipped step left v (and v_sq zero): keep its norm
-                    sq = torch.where(self._dev.found > 0, v_sq_prev.reshape(()).to(sq.dtype), sq) \
-                        if v_sq_prev is not None else None
+                    sq = self._dev.keep("v_sq", torch.where(self._dev.found > 0,
+                                                            v_sq_prev.reshape(()).to(sq.dtype), sq))
                 if sq is not None:
                     self._v_sq = (sq, [(t, t._version) for t in written_v])
         self._finish(all_buckets, k)
