@@ -125,6 +125,12 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
 
     lookahead = False
     _stepping = False  # a step is in progress (see _check_reentry)
+    # class-level defaults: an optimizer pickled before the device-flag mode existed loads
+    device_skip: Optional[bool] = None
+    skip_check_every: Optional[int] = None
+    _dev = None
+    _dev_steps = 0
+    _last_found = None
     _warned_no_grad = False  # the "no gradient at all" warning is given once (see _capture)
 
     def __init__(self, params, defaults: dict, track_cosine: bool = False,
