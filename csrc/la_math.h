@@ -117,6 +117,35 @@ struct AdamW {
   float decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, sqrt_bc2;
 };
 
+// The base step's scalars from the doubles of KernelArgs.hyper (the host floats of
+// BaseStep.kernel_args, or the float64 device tensor of BaseStep.device_args: layout in
+// lookahead_ext/ops/base_step.py and op_args.h), each rounded once to float32; 1 - dampening
+// in double first (as torch's alpha = 1 - dampening). One decoding for the host and the
+// device path, so a device-scalar step equals the host-scalar step bit for bit.
+LA_HD Sgd sgd_from(const double* h, bool nesterov, bool first, bool use_momentum) {
+  Sgd s;
+  s.lr = static_cast<float>(h[0]);
+  s.weight_decay = static_cast<float>(h[1]);
+  s.momentum = static_cast<float>(h[2]);
+  s.one_minus_dampening = static_cast<float>(1.0 - h[3]);
+  s.nesterov = nesterov;
+  s.first = first;
+  s.use_momentum = use_momentum;
+  return s;
+}
+
+LA_HD AdamW adamw_from(const double* h) {
+  AdamW a;
+  a.decay = static_cast<float>(h[0]);
+  a.one_minus_beta1 = static_cast<float>(h[1]);
+  a.beta2 = static_cast<float>(h[2]);
+  a.one_minus_beta2 = static_cast<float>(h[3]);
+  a.eps = static_cast<float>(h[4]);
+  a.step_size = static_cast<float>(h[5]);
+  a.sqrt_bc2 = static_cast<float>(h[6]);
+  return a;
+}
+
 LA_HD float adamw(const AdamW& h, float w, float d, float* m, float* s) {
   w = w * h.decay;
   float mn = lerp(*m, d, h.one_minus_beta1);

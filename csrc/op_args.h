@@ -13,31 +13,46 @@ namespace la {
 //   SGD:   [lr, weight_decay, momentum, dampening]            flags: [nesterov, first, ...]
 //   AdamW: [decay, 1-beta1, beta2, 1-beta2, eps, step_size, sqrt_bc2]
 // flags: [nesterov, first, w0, wp, wm]: w* = the gradient term enters v_new.
+//
+// base_t (optional, BaseStep.device_args: the base step's scalars on the op's device, no
+// host read): a float64 tensor of hyper's layout followed by [nesterov, first]:
+//   SGD   (6): lr, weight_decay, momentum, dampening, nesterov, first
+//   AdamW (9): decay, 1-beta1, beta2, 1-beta2, eps, step_size, sqrt_bc2, 0, 0
+// Given, it replaces hyper and flags[0..1] (which then hold the host placeholders of
+// BaseStep.kernel_args: momentum, nesterov and the kind stay host values). The CPU op reads
+// it on the host (the CPU is its device), the CUDA kernels in-kernel; both decode it with
+// la_math.h's sgd_from / adamw_from, as the host hyper.
+constexpr int64_t kBaseLen[2] = {4 + 2, 7 + 2};  // base_t elements per kind
+
 inline Sgd make_sgd(at::ArrayRef<double> hyper, at::IntArrayRef flags, bool has_buf) {
   TORCH_CHECK(hyper.size() == 4 && flags.size() == 5, "combine_step_: bad SGD hyper/flags size");
-  Sgd h;
-  h.lr = static_cast<float>(hyper[0]);
-  h.weight_decay = static_cast<float>(hyper[1]);
-  h.momentum = static_cast<float>(hyper[2]);
-  h.one_minus_dampening = static_cast<float>(1.0 - hyper[3]);  // as torch's alpha=1-dampening
-  h.nesterov = flags[0] != 0;
-  h.first = flags[1] != 0;
-  h.use_momentum = hyper[2] != 0.0;
+  Sgd h = sgd_from(hyper.data(), flags[0] != 0, flags[1] != 0, hyper[2] != 0.0);
   TORCH_CHECK(!h.use_momentum || has_buf, "combine_step_: SGD momentum needs the momentum_buffer list");
   return h;
 }
 
 inline AdamW make_adamw(at::ArrayRef<double> hyper) {
   TORCH_CHECK(hyper.size() == 7, "combine_step_: bad AdamW hyper size");
-  AdamW h;
-  h.decay = static_cast<float>(hyper[0]);
-  h.one_minus_beta1 = static_cast<float>(hyper[1]);
-  h.beta2 = static_cast<float>(hyper[2]);
-  h.one_minus_beta2 = static_cast<float>(hyper[3]);
-  h.eps = static_cast<float>(hyper[4]);
-  h.step_size = static_cast<float>(hyper[5]);
-  h.sqrt_bc2 = static_cast<float>(hyper[6]);
-  return h;
+  return adamw_from(hyper.data());
+}
+
+// hyper and flags with base_t's values in place of the host ones (a CPU base_t, read here).
+struct HostBase {
+  std::vector<double> hyper;
+  std::vector<int64_t> flags;
+};
+
+inline HostBase host_base(at::ArrayRef<double> hyper, at::IntArrayRef flags,
+                          const c10::optional<at::Tensor>& base_t) {
+  HostBase b{hyper.vec(), flags.vec()};
+  if (base_t && b.flags.size() >= 2) {
+    const double* h = base_t->data_ptr<double>();
+    const int64_t n = base_t->numel();
+    b.hyper.assign(h, h + n - 2);
+    b.flags[0] = h[n - 2] != 0.0;
+    b.flags[1] = h[n - 1] != 0.0;
+  }
+  return b;
 }
 
 inline Combine make_combine(at::ArrayRef<double> coefs, at::IntArrayRef flags, bool h0, bool hp,
@@ -103,6 +118,68 @@ inline void check_combine_extras(const char* op, at::TensorList params, at::Tens
                   params[i].scalar_type());
     }
   }
+}
+
+// skip_if (combine_step_, lookahead_sync_): a float32 one-element tensor on the op's device
+// (native.py converts any real dtype), read on the device only: nonzero skips the op.
+inline void check_skip_if(const char* op, const c10::optional<at::Tensor>& skip_if, const at::Device& dev) {
+  if (!skip_if) return;
+  TORCH_CHECK(skip_if->scalar_type() == at::kFloat && skip_if->numel() == 1, op,
+              ": skip_if must be a float32 tensor with one element, got ", skip_if->scalar_type(), " ",
+              skip_if->sizes());
+  TORCH_CHECK(skip_if->device() == dev, op, ": skip_if is on ", skip_if->device(), ", expected ", dev,
+              " (it is read on the device)");
+}
+
+// The argument checks of combine_step_, shared by the CPU and CUDA ops (the same errors in
+// the same order, every list validated even when params is empty). host_scalars_ok: the CUDA
+// op also takes CPU v_coefs tensors (read once on the host). Returns the lists' numels and
+// the gradients' dtype (the params' when no gradient list is given).
+struct CombineLists {
+  std::vector<int64_t> numels;
+  at::ScalarType gdt = at::kFloat;
+};
+
+inline CombineLists check_combine_args(const char* op, at::TensorList params, at::TensorList masters,
+                                       at::TensorList g0, at::TensorList gp, at::TensorList gm,
+                                       at::TensorList state1, at::TensorList state2, at::TensorList v,
+                                       const OptTensors& v_coefs_t, at::ArrayRef<double> v_coefs_f, int64_t kind,
+                                       const c10::optional<at::Tensor>& v_sq_out, bool write_masters,
+                                       const c10::optional<at::Tensor>& base_t,
+                                       const c10::optional<at::Tensor>& skip_if, const at::Device& dev,
+                                       bool host_scalars_ok) {
+  check_combine_extras(op, params, masters, v, v_sq_out, write_masters, dev);
+  CombineLists r;
+  check_list(params, op, "params", dev, r.numels);
+  check_list(masters, op, "masters", dev, r.numels, at::kFloat);
+  bool gset = false;
+  for (const at::TensorList* g : {&g0, &gp, &gm}) {
+    if (g->empty()) continue;
+    check_list(*g, op, "grads", dev, r.numels, gset ? c10::optional<at::ScalarType>(r.gdt) : c10::nullopt);
+    r.gdt = (*g)[0].scalar_type();
+    gset = true;
+  }
+  if (!gset && !params.empty()) r.gdt = params[0].scalar_type();
+  TORCH_CHECK(kind == kSgd || kind == kAdamW, op, ": kind must be 0 (SGD) or 1 (AdamW)");
+  if (!state1.empty()) check_list(state1, op, "state1", dev, r.numels, at::kFloat);
+  if (!state2.empty()) check_list(state2, op, "state2", dev, r.numels, at::kFloat);
+  if (!v.empty()) check_list(v, op, "v", dev, r.numels, at::kFloat);
+  TORCH_CHECK(kind != kAdamW || params.empty() || (!state1.empty() && !state2.empty()), op,
+              ": AdamW needs exp_avg and exp_avg_sq");
+  if (!v.empty()) check_vcoefs(v_coefs_t, v_coefs_f, dev, host_scalars_ok);
+  if (base_t) {
+    TORCH_CHECK(base_t->scalar_type() == at::kDouble && base_t->numel() == kBaseLen[kind], op,
+                ": base_t must be a float64 tensor with ", kBaseLen[kind], " elements (BaseStep.device_args), got ",
+                base_t->scalar_type(), " ", base_t->sizes());
+    TORCH_CHECK(base_t->device() == dev && base_t->is_contiguous(), op, ": base_t is on ", base_t->device(),
+                ", expected ", dev, " (contiguous)");
+  }
+  check_skip_if(op, skip_if, dev);
+  if (params.empty()) return r;
+  // written lists must not share memory (params may be their own masters)
+  check_distinct(op, 5, {{"params", params}, {"masters", masters}, {"state1", state1}, {"state2", state2}, {"v", v},
+                      {"g0", g0}, {"gp", gp}, {"gm", gm}}, /*params_alias_masters=*/true);
+  return r;
 }
 
 // nonfinite_'s list_sizes (tensors per list; empty: one list) as offsets [0, ..., n].

@@ -187,35 +187,36 @@ void perturb_cpu(at::TensorList out, at::TensorList base, at::TensorList directi
 }
 
 // ------------------------------------------------------------------ combine_step_
+// skip_if set: params <- cast(masters) (the restore of a probe point), nothing else written
+void restore_params(at::TensorList params, at::TensorList masters) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].data_ptr() != masters[i].data_ptr()) params[i].copy_(masters[i]);
+  }
+}
+
+bool skip_set(const c10::optional<at::Tensor>& skip_if) {
+  return skip_if && *skip_if->data_ptr<float>() != 0.0f;  // checked: one float32 on the CPU (its device)
+}
+
 void combine_step_cpu(at::TensorList params, at::TensorList masters, at::TensorList g0, at::TensorList gp,
                       at::TensorList gm, at::ArrayRef<double> coefs, at::TensorList state1,
                       at::TensorList state2, at::TensorList v, const OptTensors& v_coefs_t,
-                      at::ArrayRef<double> v_coefs_f, int64_t kind, at::ArrayRef<double> hyper,
-                      at::IntArrayRef flags, const c10::optional<at::Tensor>& v_sq_out, bool write_masters) {
-  const at::Device cpu(at::kCPU);
-  const char* op = "combine_step_";
-  check_combine_extras(op, params, masters, v, v_sq_out, write_masters, cpu);
-  std::vector<int64_t> numels;
-  check_list(params, op, "params", cpu, numels);
-  check_list(masters, op, "masters", cpu, numels, at::kFloat);
-  at::ScalarType gdt = at::kFloat;
-  bool gset = false;
-  for (const at::TensorList* g : {&g0, &gp, &gm}) {
-    if (g->empty()) continue;
-    check_list(*g, op, "grads", cpu, numels, gset ? c10::optional<at::ScalarType>(gdt) : c10::nullopt);
-    gdt = (*g)[0].scalar_type();
-    gset = true;
-  }
-  TORCH_CHECK(kind == kSgd || kind == kAdamW, op, ": kind must be 0 (SGD) or 1 (AdamW)");
-  if (!state1.empty()) check_list(state1, op, "state1", cpu, numels, at::kFloat);
-  if (!state2.empty()) check_list(state2, op, "state2", cpu, numels, at::kFloat);
-  if (!v.empty()) check_list(v, op, "v", cpu, numels, at::kFloat);
-  TORCH_CHECK(kind != kAdamW || params.empty() || (!state1.empty() && !state2.empty()), op,
-              ": AdamW needs exp_avg and exp_avg_sq");
-  if (!v.empty()) check_vcoefs(v_coefs_t, v_coefs_f, cpu);
+                      at::ArrayRef<double> v_coefs_f, int64_t kind, at::ArrayRef<double> hyper_h,
+                      at::IntArrayRef flags_h, const c10::optional<at::Tensor>& v_sq_out, bool write_masters,
+                      const c10::optional<at::Tensor>& base_t, const c10::optional<at::Tensor>& skip_if) {
+  const CombineLists chk = check_combine_args("combine_step_", params, masters, g0, gp, gm, state1, state2, v,
+                                              v_coefs_t, v_coefs_f, kind, v_sq_out, write_masters, base_t, skip_if,
+                                              at::Device(at::kCPU), /*host_scalars_ok=*/false);
   if (params.empty()) return;
-  check_distinct(op, 5, {{"params", params}, {"masters", masters}, {"state1", state1}, {"state2", state2}, {"v", v},
-                      {"g0", g0}, {"gp", gp}, {"gm", gm}}, /*params_alias_masters=*/true);
+  if (skip_set(skip_if)) {
+    restore_params(params, masters);
+    return;
+  }
+  const HostBase hb = host_base(hyper_h, flags_h, base_t);
+  const at::ArrayRef<double> hyper(hb.hyper);
+  const at::IntArrayRef flags(hb.flags);
+  const std::vector<int64_t>& numels = chk.numels;
+  const at::ScalarType gdt = chk.gdt;
   cpu::CombineArgs a{};
   a.k = make_combine(coefs, flags, !g0.empty(), !gp.empty(), !gm.empty(), !v.empty());
   a.adam = kind == kAdamW;
@@ -255,14 +256,16 @@ void combine_step_cpu(at::TensorList params, at::TensorList masters, at::TensorL
 }
 
 // ------------------------------------------------------------------ lookahead_sync_
-void lookahead_sync_cpu(at::TensorList slow, at::TensorList fast, double alpha, at::TensorList params) {
+void lookahead_sync_cpu(at::TensorList slow, at::TensorList fast, double alpha, at::TensorList params,
+                        const c10::optional<at::Tensor>& skip_if) {
   const at::Device cpu(at::kCPU);
   std::vector<int64_t> numels;
   check_list(slow, "lookahead_sync_", "slow", cpu, numels, at::kFloat);
   check_list(fast, "lookahead_sync_", "fast", cpu, numels);
   const bool has_p = !params.empty();
   if (has_p) check_list(params, "lookahead_sync_", "params", cpu, numels);
-  if (slow.empty()) return;
+  check_skip_if("lookahead_sync_", skip_if, cpu);
+  if (slow.empty() || skip_set(skip_if)) return;
   check_distinct("lookahead_sync_", 3, {{"slow", slow}, {"fast", fast}, {"params", params}});
   const Table tab = make_table(numels);
   auto ps = ptrs<float>(slow);

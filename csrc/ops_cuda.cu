@@ -278,9 +278,27 @@ struct CombineScalars {
   AdamW adamw;
   float vc_f[4];
   const float* vc_t[4];  // device scalars (nullptr: the host float vc_f)
+  const double* base_t;  // the base step's scalars on the device (op_args.h; nullptr: sgd / adamw above)
+  const float* skip;     // skip_if (nullptr: none): nonzero restores params from masters, nothing else
   bool r0, rp, rm, has_s1, has_v;
   bool write_w;  // false: masters are only read (write_masters=false), the new w goes to params
 };
+
+// A skipped step: params <- cast(masters), the restore of a probe point (masters, state and v
+// are neither read nor written).
+struct RestoreBody {
+  AnyPtr p;
+  Ptr<float> w;
+  int64_t len;
+  __device__ __forceinline__ void step(int64_t i) const {
+    float wv[kILP];
+    load(w, i, len, wv);
+    store(p, i, len, wv);
+  }
+};
+
+// skip_if is set (a device flag: one load per block, uniform over the block)
+__device__ __forceinline__ bool skipped(const float* skip) { return skip != nullptr && *skip != 0.0f; }
 
 template <bool ADAM>
 struct CombineBody {
@@ -323,6 +341,10 @@ struct CombineFn {
     CombineBody<ADAM> b;
     b.p = any_at(tab, 0, l, cp);
     b.w = ptr(at_chunk<float>(tab, 1, l));
+    if (skipped(cs.skip)) {
+      if (b.p.p != static_cast<void*>(b.w.p)) for_ilp(l.len, RestoreBody{b.p, b.w, l.len});
+      return;
+    }
     b.g0 = any_at(tab, 2, l, cg);  // an absent list (flag off) has a null pointer and is not read
     b.gp = any_at(tab, 3, l, cg);
     b.gm = any_at(tab, 4, l, cg);
@@ -330,17 +352,27 @@ struct CombineFn {
     b.s2 = ptr(ADAM ? at_chunk<float>(tab, 6, l) : nullptr);
     b.v = ptr(cs.has_v ? at_chunk<float>(tab, 7, l) : nullptr);
     b.c = cs;
+    if (cs.base_t) {  // the device scalars, decoded as the host ones (la_math.h)
+      if (ADAM) b.c.adamw = adamw_from(cs.base_t);
+      else b.c.sgd = sgd_from(cs.base_t, cs.sgd.nesterov, cs.base_t[5] != 0.0, cs.sgd.use_momentum);
+    }
     for (int j = 0; j < 4; ++j) b.vc[j] = cs.vc_t[j] ? *cs.vc_t[j] : cs.vc_f[j];
     b.len = l.len;
     for_ilp(l.len, b);
   }
 };
 
+// v_sq_out += sum, unless skip_if is set (one thread; the add of torch's add_)
+__global__ void add_unless_skipped(float* acc, const float* sum, const float* skip) {
+  if (!skipped(skip)) *acc = *acc + *sum;
+}
+
 void combine_step_cuda(at::TensorList params, at::TensorList masters, at::TensorList g0, at::TensorList gp,
                        at::TensorList gm, at::ArrayRef<double> coefs, at::TensorList state1,
                        at::TensorList state2, at::TensorList v, const OptTensors& v_coefs_t,
                        at::ArrayRef<double> v_coefs_f, int64_t kind, at::ArrayRef<double> hyper,
-                       at::IntArrayRef flags, const c10::optional<at::Tensor>& v_sq_out, bool write_masters) {
+                       at::IntArrayRef flags, const c10::optional<at::Tensor>& v_sq_out, bool write_masters,
+                       const c10::optional<at::Tensor>& base_t, const c10::optional<at::Tensor>& skip_if) {
   const char* op = "combine_step_";
   // empty params: the other lists are still validated (ops_cpu.cpp does), then nothing to do
   auto d0 = first_device({params, masters, g0, gp, gm, state1, state2, v});
@@ -349,31 +381,12 @@ void combine_step_cuda(at::TensorList params, at::TensorList masters, at::Tensor
   const at::Device dev = *d0;
   check_cuda(dev, op);
   c10::cuda::CUDAGuard guard(dev);
-  check_combine_extras(op, params, masters, v, v_sq_out, write_masters, dev);
-  std::vector<int64_t> numels;
-  check_list(params, op, "params", dev, numels);
-  check_list(masters, op, "masters", dev, numels, at::kFloat);
-  at::ScalarType gdt = at::kFloat;
-  bool gset = false;
-  for (const at::TensorList* g : {&g0, &gp, &gm}) {
-    if (g->empty()) continue;
-    check_list(*g, op, "grads", dev, numels, gset ? c10::optional<at::ScalarType>(gdt) : c10::nullopt);
-    gdt = (*g)[0].scalar_type();
-    gset = true;
-  }
-  TORCH_CHECK(kind == kSgd || kind == kAdamW, op, ": kind must be 0 (SGD) or 1 (AdamW)");
-  if (!state1.empty()) check_list(state1, op, "state1", dev, numels, at::kFloat);
-  if (!state2.empty()) check_list(state2, op, "state2", dev, numels, at::kFloat);
-  if (!v.empty()) check_list(v, op, "v", dev, numels, at::kFloat);
-  TORCH_CHECK(kind != kAdamW || params.empty() || (!state1.empty() && !state2.empty()), op,
-              ": AdamW needs exp_avg and exp_avg_sq");
-  if (!v.empty()) check_vcoefs(v_coefs_t, v_coefs_f, dev, /*host_ok=*/true);
+  const CombineLists chk = check_combine_args(op, params, masters, g0, gp, gm, state1, state2, v, v_coefs_t,
+                                              v_coefs_f, kind, v_sq_out, write_masters, base_t, skip_if, dev,
+                                              /*host_scalars_ok=*/true);
   if (params.empty()) return;
-  // as on the CPU: written lists must not share memory (params may be their own masters)
-  check_distinct(op, 5, {{"params", params}, {"masters", masters}, {"state1", state1}, {"state2", state2}, {"v", v},
-                      {"g0", g0}, {"gp", gp}, {"gm", gm}}, /*params_alias_masters=*/true);
-  const auto pt = params[0].scalar_type();
-  if (!gset) gdt = pt;
+  const std::vector<int64_t>& numels = chk.numels;
+  const at::ScalarType gdt = chk.gdt;
   CombineScalars cs{};
   cs.k = make_combine(coefs, flags, !g0.empty(), !gp.empty(), !gm.empty(), !v.empty());
   const bool adam = kind == kAdamW;
@@ -385,6 +398,8 @@ void combine_step_cuda(at::TensorList params, at::TensorList masters, at::Tensor
   cs.has_s1 = adam || cs.sgd.use_momentum;
   cs.has_v = !v.empty();
   cs.write_w = write_masters;
+  cs.base_t = base_t ? base_t->data_ptr<double>() : nullptr;
+  cs.skip = skip_if ? skip_if->data_ptr<float>() : nullptr;
   for (int i = 0; i < 4; ++i) {
     const float* t = cs.has_v ? vcoef_ptr(v_coefs_t, static_cast<size_t>(i)) : nullptr;
     cs.vc_f[i] = cs.has_v ? static_cast<float>(v_coefs_f[i]) : 0.0f;
@@ -406,7 +421,10 @@ void combine_step_cuda(at::TensorList params, at::TensorList masters, at::Tensor
   else multi_tensor_apply<8>(lists, numels, CombineFn<false>{cs, cp, cg}, stream);
   if (v_sq_out && !v.empty()) {  // sum v_new^2: multi_dot's kernels on the stored v, added on device
     const std::vector<int64_t> pair = {0, 0};
-    v_sq_out->add_(multi_dot_cuda(v, 1, pair, false).reshape(v_sq_out->sizes()));
+    const at::Tensor sum = multi_dot_cuda(v, 1, pair, false);
+    auto* kernel = &add_unless_skipped;
+    LA_LAUNCH(kernel, 1, 1, stream, v_sq_out->data_ptr<float>(), sum.data_ptr<float>(), cs.skip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
@@ -431,14 +449,17 @@ struct SyncBody {
 
 struct SyncFn {
   float alpha;
-  int cf, cq;  // dtype codes of fast and params
+  int cf, cq;         // dtype codes of fast and params
+  const float* skip;  // skip_if (nullptr: none): nonzero writes nothing
   __device__ void operator()(const Table<3>& tab) const {
+    if (skipped(skip)) return;
     const Loc l = locate(tab);
     for_ilp(l.len, SyncBody{ptr(at_chunk<float>(tab, 0, l)), any_at(tab, 1, l, cf), any_at(tab, 2, l, cq), alpha, l.len});
   }
 };
 
-void lookahead_sync_cuda(at::TensorList slow, at::TensorList fast, double alpha, at::TensorList params) {
+void lookahead_sync_cuda(at::TensorList slow, at::TensorList fast, double alpha, at::TensorList params,
+                         const c10::optional<at::Tensor>& skip_if) {
   // empty slow: the other lists are still validated (ops_cpu.cpp does), then nothing to do
   const auto d0 = first_device({slow, fast, params});
   if (!d0) return;
@@ -449,12 +470,14 @@ void lookahead_sync_cuda(at::TensorList slow, at::TensorList fast, double alpha,
   check_list(slow, "lookahead_sync_", "slow", dev, numels, at::kFloat);
   check_list(fast, "lookahead_sync_", "fast", dev, numels);
   if (!params.empty()) check_list(params, "lookahead_sync_", "params", dev, numels);
+  check_skip_if("lookahead_sync_", skip_if, dev);
   if (slow.empty()) return;
   check_distinct("lookahead_sync_", 3, {{"slow", slow}, {"fast", fast}, {"params", params}});  // as on the CPU
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   std::vector<std::vector<void*>> lists = {ptrs<void>(slow), ptrs<void>(fast),
                                            params.empty() ? std::vector<void*>() : ptrs<void>(params)};
-  multi_tensor_apply<3>(lists, numels, SyncFn{static_cast<float>(alpha), code(fast), params.empty() ? 0 : code(params)},
+  multi_tensor_apply<3>(lists, numels, SyncFn{static_cast<float>(alpha), code(fast), params.empty() ? 0 : code(params),
+                                               skip_if ? skip_if->data_ptr<float>() : nullptr},
                         stream);
 }
 

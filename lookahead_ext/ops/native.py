@@ -7,7 +7,9 @@ csrc/la_math.h, shared by both devices. This module only adapts arguments:
 - tensor lists are passed whole (one kernel launch / one OpenMP region per op call);
 - 0-d tensor scalars (``scale``, ``v_coefs``) stay on the device and are read in-kernel;
 - hyper-parameters are host floats from `BaseStep.kernel_args()` (no recompilation for a
-  new lr or step);
+  new lr or step); a BaseStep with device scalars adds `BaseStep.device_args()` (one float64
+  device tensor the kernels read in place of the host values);
+- `skip_if` goes to the kernels as a float32 device flag (`helpers.skip_f32`, a device op);
 - non-contiguous tensors are handled: the kernel runs on a contiguous copy and results are
   copied back (the raw torch ops reject them with a clear error instead).
 
@@ -28,10 +30,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import reference
 from .base_step import BaseStep
-from .helpers import (check_combine_aliasing, check_combine_extras, check_nonfinite_aliasing,
-                      check_perturb_aliasing, check_same_length, check_sync_aliasing)
+from .helpers import (check_combine_aliasing, check_combine_extras, check_combine_scalars, check_nonfinite_aliasing,
+                      check_perturb_aliasing, check_same_length, check_skip_if, check_sync_aliasing, skip_f32)
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
@@ -197,14 +198,14 @@ class NativeBackend:
         v = bv v + a0 g0 + a+ g+ + a- g- (Algorithm 1, lines 12-16; eqs. 9, 115).
         v_sq_out (float32 [1], with v): += sum v_new^2, fused (multi_dot's summation).
         write_masters=False: the new w goes to params only (same dtype), masters are read."""
-        if skip_if is not None or base.on_device:  # interim (kernels next): the reference, no host read
-            return reference.combine_step_(params, masters, grads, coefs, base, base_state, v, v_coefs, v_sq_out,
-                                           write_masters, skip_if)
         check_combine_extras(params, masters, v, v_sq_out, write_masters)
+        check_combine_scalars(params, base, skip_if)
         if not params:
             return
-        check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters)
-        kind, hyper, flags = base.kernel_args()
+        check_combine_aliasing(params, masters, grads, base, base_state, v, v_coefs, v_sq_out, write_masters, skip_if)
+        kind, hyper, flags = base.kernel_args()  # placeholders where base holds device scalars:
+        base_t = base.device_args(params[0].device) if base.on_device else None  # ... these replace them
+        skip = skip_f32(skip_if)
         names = base.state_names()
         s1 = base_state[names[0]] if names else None
         s2 = base_state[names[1]] if len(names) > 1 else None
@@ -216,29 +217,29 @@ class NativeBackend:
         lib = self._lib()
         ok, _ = _fast(lib.combine_step_, params, masters, g0, gp, gm, cf, [] if s1 is None else s1,
                       [] if s2 is None else s2, [] if v is None else v, vt, vf, kind, hyper, fl, v_sq_out,
-                      bool(write_masters))
+                      bool(write_masters), base_t, skip)
         if ok:
             return
         c1, c2, vv = _Contig(s1, write=True), _Contig(s2, write=True), _Contig(v, write=True)
         p = _Contig(params, write=True)
         m = _Contig(masters, write=write_masters, share=p)  # params may be their masters
         lib.combine_step_(p.work, m.work, _c(g0), _c(gp), _c(gm), cf, c1.work, c2.work, vv.work, vt, vf, kind,
-                          hyper, fl, v_sq_out, bool(write_masters))
+                          hyper, fl, v_sq_out, bool(write_masters), base_t, skip)
         for x in (p, m, c1, c2, vv):
             x.flush()
 
     def lookahead_sync_(self, slow, fast, alpha: float, params=None, skip_if: Optional[Tensor] = None) -> None:
         """slow += alpha (fast - slow); fast = slow; params = slow (Algorithm 1, line 18)."""
-        if skip_if is not None:  # interim (kernels next): the reference, no host read
-            return reference.lookahead_sync_(slow, fast, alpha, params, skip_if)
+        check_skip_if("lookahead_sync_", skip_if, slow[0].device if slow else None)
         if not slow:
             return
-        check_sync_aliasing(slow, fast, params)
-        ok, _ = _fast(self._lib().lookahead_sync_, slow, fast, float(alpha), [] if params is None else params)
+        check_sync_aliasing(slow, fast, params, skip_if)
+        skip = skip_f32(skip_if)
+        ok, _ = _fast(self._lib().lookahead_sync_, slow, fast, float(alpha), [] if params is None else params, skip)
         if ok:
             return
         s, f, q = _Contig(slow, True), _Contig(fast, True), _Contig(params, True)
-        self._lib().lookahead_sync_(s.work, f.work, float(alpha), q.work)
+        self._lib().lookahead_sync_(s.work, f.work, float(alpha), q.work, skip)
         for x in (s, f, q):
             x.flush()
 
