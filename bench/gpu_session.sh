@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session: build the CUDA extension in place, run the test suite on the GPU, run the
-# GPU benchmarks. Usage: bash bench/gpu_session.sh [build|test|bench|all|emu] ...
+# GPU benchmarks. Usage: bash bench/gpu_session.sh [build|test|bench|all|emu|capture] ...
 # The tests run the real CUDA kernels (-m cuda tests included) and leave out the emulated ones
 # (-m "not cuda_emu": the same kernels on the CPU through HIP-CPU, docs/cuda-emulation.md; they
 # are CI's and only cost GPU time here); `emu` runs those alone (needs HIP-CPU and TBB).
+# `capture` (about 2 min after the build): the device-flag mode and capturable-step tests alone
+# (tests/test_cuda_capture.py: CUDA-graph replay vs eager, sync debug mode "error"; the CPU
+# device-mode tests on the GPU machine too).
 # Logs and results go to $OUT (the device tool's result folder) or bench/results/gpu/.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -83,6 +86,11 @@ case "$what" in
     test) build && run_tests "$@" ;;
     bench) build && bench ;;
     all) build && run_tests "$@"; bench ;;
+    capture) build; t0=$SECONDS   # run_tests always takes the whole tests/ folder: these files alone
+        timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests/test_cuda_capture.py tests/test_device_skip.py \
+            tests/test_host_reads.py -q -p no:cacheprovider -rfE -m "not cuda_emu" > "$OUT/capture.log" 2>&1
+        echo "capture tests rc=$? in $((SECONDS - t0)) s"; grep -E "passed|failed|error" "$OUT/capture.log" | tail -3
+        grep -E "^(FAILED|ERROR)" "$OUT/capture.log" | head -30 ;;
     emu) t0=$SECONDS; "$PY" scripts/build_cuda_emu.py > "$OUT/emu.log" 2>&1
         "$PY" -m pytest tests -m cuda_emu -q -p no:cacheprovider -rfE >> "$OUT/emu.log" 2>&1
         echo "emu rc=$? in $((SECONDS - t0)) s"; tail -3 "$OUT/emu.log" ;;

@@ -29,7 +29,9 @@ exactly as it would for a plain optimizer whose step overflowed; otherwise it re
 clean step and the growth tracker advances.
 
 The skip warning the optimizer emits for a non-finite step is silenced here (overflow is the
-scaler's normal way of probing the scale); ``opt.num_skipped`` still counts the skips.
+scaler's normal way of probing the scale); ``opt.num_skipped`` still counts the skips. In the
+optimizer's device-flag mode (``device_skip``, docs/gpu.md) the scaler's found_inf is the
+optimizer's device flag itself: no host read.
 
 This module reads two private attributes of GradScaler (``_scale`` and
 ``_per_optimizer_states``), the same way ``GradScaler.step`` fills them for optimizers;
@@ -67,8 +69,11 @@ def _record(scaler, optimizer, found: bool, device) -> None:
         raise RuntimeError("lookahead_ext.amp: this optimizer already stepped since the last "
                            "scaler.update(); call scaler.update() once per step")
     dev = scaler._scale.device if scaler._scale is not None else device
-    state["found_inf_per_device"] = {dev: torch.full((), float(found), dtype=torch.float32,
-                                                     device=dev)}
+    if isinstance(found, Tensor):  # the optimizer's device flag: no host read
+        flag = found.to(device=dev, dtype=torch.float32).clone()
+    else:
+        flag = torch.full((), float(found), dtype=torch.float32, device=dev)
+    state["found_inf_per_device"] = {dev: flag}
     state["stage"] = OptState.STEPPED
 
 
@@ -92,7 +97,6 @@ def probes(optimizer, scaler) -> Iterator:
                         "Lookahead around one; for torch optimizers (and Lookahead around them) "
                         "use scaler.step(optimizer)")
     enabled = scaler is not None and scaler.is_enabled()
-    skipped0 = core.num_skipped
     it = optimizer.probes()
     # each probe's gradients are unscaled by 1/scale in the optimizer's fused check
     handle = core.register_grad_unscaler(lambda opt: inv_scale(scaler)) if enabled else None
@@ -113,7 +117,10 @@ def probes(optimizer, scaler) -> Iterator:
             handle.remove()
         if not finished:
             it.close()
-    _record(scaler, optimizer, core.num_skipped != skipped0, _param_device(optimizer))
+    found = core.last_found_inf()  # a bool, or the device flag (device_skip mode: no host read)
+    if enabled:
+        core._quiet_skip(found)  # the scaler's overflow: no skip warning, also not a lazy one
+    _record(scaler, optimizer, found, _param_device(optimizer))
 
 
 def step(optimizer, scaler, closure: Callable):

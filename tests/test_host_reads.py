@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
+from lookahead_ext import ops as la_ops
 from lookahead_ext.optim import CMLR, SAM
 
 _METHODS = ("item", "tolist", "__bool__", "__float__", "__int__")
@@ -80,3 +81,56 @@ def test_no_loss_no_loss_read(host_reads):
         for probe in opt.probes():
             closure()
     assert dict(host_reads) == {("optim/runtime.py", "_capture", "tolist"): opt.num_evals}
+
+
+# ----------------------------------------------------------------------------- device-flag mode
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Tensor.item / tolist / __bool__ / __float__ / __int__ raise while ``armed`` is set."""
+    armed = [False]
+    for name in _METHODS:
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _orig=orig, _name=name):
+            if armed[0]:
+                raise AssertionError(f"host read: Tensor.{_name}")
+            return _orig(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return armed
+
+
+_DEVICE_CASES = [(CMLR, dict(momentum=0.9, k=2)), (CMLR, dict(base="adamw", k=3)),
+                 (SAM, dict(momentum=0.5, nesterov=True)), (SAM, dict(base="adamw")),
+                 (CMLR, dict(k=2, max_grad_norm=0.5, beta_schedule="training", total_steps=5))]
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize("opt_cls,kw", _DEVICE_CASES, ids=["CMLR_sgd", "CMLR_adamw", "SAM_sgd", "SAM_adamw",
+                                                           "CMLR_clip"])
+def test_device_mode_makes_no_host_read(no_host_reads, opt_cls, kw, backend):
+    """The device-flag mode forced on CPU tensors: whole cycles with their Lookahead syncs and
+    skipped steps (a NaN gradient, an infinite loss) without one host read; the counters are
+    exact when read afterwards."""
+    if backend != "reference" and la_ops.available_backends()[backend] != "ok":
+        pytest.skip(f"{backend}: {la_ops.available_backends()[backend]}")
+    opt, closure = _train(opt_cls, device_skip=True, backend=backend, **kw)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    tensor_lr = torch.tensor(0.1)  # a tensor lr is read on the device
+    for g in opt.param_groups:
+        g["lr"] = tensor_lr
+
+    def spoiled(step, probe):
+        loss = closure()
+        if step == 2:
+            params[0].grad.view(-1)[0] = float("nan")
+        if step == 4 and probe.index == 1:
+            loss = loss * float("inf")
+        return loss
+    no_host_reads[0] = True
+    for step in range(7):
+        for probe in opt.probes():
+            probe.loss = spoiled(step, probe)
+        tensor_lr.mul_(0.9)  # a scheduler's in-place update
+    no_host_reads[0] = False
+    assert opt.num_skipped == 2 and opt.num_steps == 5
+    assert opt.device_skip_active

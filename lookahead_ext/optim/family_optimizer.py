@@ -78,6 +78,9 @@ class ProbeOptimizer(ProbeRuntime):
             before it enters the step; None does not clip. ``last_grad_norm`` reports the
             largest pre-clip norm of the step's probes. The gradient handed back in
             ``.grad`` after the step is the last probe's, unclipped. Default: None.
+        device_skip: the device-flag mode (no host read in the step; docs/gpu.md): None =
+            on for CUDA parameters unless it costs an evaluation (CMLR and CR evaluate
+            g0 = grad L(w) in every step in that mode), True = on, False = off. Default: None.
     """
 
     direction: Direction = MOMENTUM
@@ -97,7 +100,8 @@ class ProbeOptimizer(ProbeRuntime):
                  beta_end: float = 0.99, gamma: float = 0.5, init_v: str = "grad",
                  norm_eps: float = 1e-12, backend: str = "auto", reset_base_state: bool = False,
                  track_cosine: bool = False, beta_schedule: str = "cycle",
-                 total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None):
+                 total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None,
+                 device_skip: Optional[bool] = None):
         if weight_decay is None:  # the base optimizer's torch default
             weight_decay = 1e-2 if base == ADAMW else 0.0
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening,
@@ -111,11 +115,61 @@ class ProbeOptimizer(ProbeRuntime):
             self._validate(defaults)  # betas too (a bad one is an error even if unused)
             del defaults["betas"]
         self._v_sq: Optional[tuple] = None  # (||v||^2, [(v tensor, version)]): see _v_norm_sq
-        super().__init__(params, defaults, track_cosine=track_cosine)
+        super().__init__(params, defaults, track_cosine=track_cosine, device_skip=device_skip)
 
     @property
     def _clip_as_coefficient(self) -> bool:  # the family's own step (see _clip_probe)
         return type(self)._probe_and_commit is ProbeOptimizer._probe_and_commit
+
+    # ------------------------------------------------------------------ device-flag mode
+    def _device_skip_supported(self) -> bool:
+        """The family's own step, except where the probe schedule or the state layout
+        depends on the counters in a way the device cannot take: FMLR's ``anchor="g+"``
+        (no probe at w from k = 1 on) and ``reset_base_state`` (pops the base state)."""
+        g = self.param_groups[0]
+        return (type(self)._probe_and_commit is ProbeOptimizer._probe_and_commit
+                and g.get("anchor", "g0") != "g+" and not g["reset_base_state"])
+
+    def device_skip_default(self) -> bool:
+        """Not for a carried v whose scheme has no probe at w (CMLR, CR): the device-flag
+        mode evaluates g0 in every step there (the host cannot know when v restarts)."""
+        return self._device_skip_supported() and not (
+            self.direction.carried and "g0" not in self.scheme.probes)
+
+    def _need_v_init_on_device(self):
+        """Algorithm 1, line 4 as a device bool: v is not formed yet, or a cycle starts
+        with init_v="grad"."""
+        dev = self._dev
+        need = dev.v_ready == 0
+        if self.direction.restarts and self._glob("init_v") == "grad":
+            need = need | (dev.k == 0)
+        return need
+
+    def _beta_on_device(self):
+        """beta_k of the counters on the device (float64, the host formula's operation
+        order: bit-identical to :meth:`beta_k`)."""
+        dev = self._dev
+        K, bs, be = self._glob("k"), self._glob("beta_start"), self._glob("beta_end")
+        if self.direction.beta is not None:
+            return self.direction.beta
+        if self.param_groups[0].get("beta_schedule", "cycle") == "training":
+            T = self._glob("total_steps")
+            return bs if T == 1 else bs + (be - bs) * torch.clamp(dev.steps, max=T - 1) / (T - 1)
+        if not self.lookahead or K == 1:
+            return bs
+        return bs + (be - bs) * dev.k / (K - 1)
+
+    def _choose_direction(self, buckets, g0, fresh):
+        """Device-flag mode: v_hat's direction and 1/||v|| where the host cannot tell
+        whether v restarts at g0: both candidates, chosen by the device bool ``fresh``.
+        Returns (vdir, inv_v, ||v||^2 of the carried v)."""
+        dense = self._dense(buckets, g0)
+        carried = [PlanList([self._v(p) for p in b.params]) for b in buckets]
+        v_sq = self._v_norm_sq(carried)
+        inv_v = torch.where(fresh, self._probe_inv("g0"), self._norm_inv(v_sq))
+        vdir = [PlanList([torch.where(fresh, g, v) for g, v in zip(gl, vl)])
+                for gl, vl in zip(dense, carried)]
+        return vdir, inv_v, v_sq
 
     # ------------------------------------------------------------------ the scheme's numbers
     def _lam(self, group: dict) -> float:
@@ -160,22 +214,33 @@ class ProbeOptimizer(ProbeRuntime):
     def _probe_and_commit(self, buckets):
         eng = self._engine
         K = self._glob("k") if self.lookahead else 1
-        k = eng["k"]
         carried = self.direction.carried
-        need_v_init = carried and (not eng["v_ready"] or (
-            self.direction.restarts and self._glob("init_v") == "grad" and k == 0))
-        fresh = not carried or need_v_init  # v = g0 this step
-        # FMLR's text reading (anchor="g+"): for k >= 1 the anchor is g+ itself, no probe at w
-        text_anchor = k >= 1 and self.param_groups[0].get("anchor") == "g+"
+        chosen = self._dev is not None and carried  # device-flag mode: v's restart on the device
+        if chosen:
+            k = None  # on the device (see _beta_on_device)
+            need_v_init = fresh = self._need_v_init_on_device()
+            text_anchor = False
+        else:
+            k = eng["k"]
+            need_v_init = carried and (not eng["v_ready"] or (
+                self.direction.restarts and self._glob("init_v") == "grad" and k == 0))
+            fresh = not carried or need_v_init  # v = g0 this step
+            # FMLR's text reading (anchor="g+"): for k >= 1 the anchor is g+ itself, no probe at w
+            text_anchor = k >= 1 and self.param_groups[0].get("anchor") == "g+"
 
         probes: dict[str, list] = {}
         idx = 0
-        if fresh or ("g0" in self.scheme.probes and not text_anchor):
-            probes["g0"] = yield from self._probe(buckets, idx, "g0")
+        v_sq_prev = None
+        if chosen or fresh or ("g0" in self.scheme.probes and not text_anchor):
+            # a g0 that only a restart of v would use counts towards the skip only then
+            used = fresh if chosen and "g0" not in self.scheme.probes else None
+            probes["g0"] = yield from self._probe(buckets, idx, "g0", used=used)
             idx += 1
         # the perturbation direction v (per bucket) and 1/||v||
         with _no_grad():
-            if fresh:
+            if chosen:
+                vdir, inv_v, v_sq_prev = self._choose_direction(buckets, probes["g0"], fresh)
+            elif fresh:
                 vdir = self._dense(buckets, probes["g0"])
                 inv_v = self._probe_inv("g0")  # from g0's fused check (zero-filled grads add 0)
             else:
@@ -183,7 +248,7 @@ class ProbeOptimizer(ProbeRuntime):
                 inv_v = self._norm_inv(self._v_norm_sq(vdir))
         # SAM-type steps (d = g+ exactly, no momentum): g0 only gives the direction. Keep
         # which parameters had a gradient and free its tensors before g+'s backward.
-        g0_dead = (fresh and not carried and self.scheme.probes == ("g0", "g+")
+        g0_dead = (not carried and self.scheme.probes == ("g0", "g+")
                    and all(self.scheme.coefs(b.group["rho"], self._lam(b.group))[0] == 0.0
                            for b in buckets))
         if g0_dead:
@@ -194,7 +259,7 @@ class ProbeOptimizer(ProbeRuntime):
                                                       release_direction=g0_dead and name == "g+")
                 idx += 1
         with _no_grad():
-            self._commit(buckets, probes, vdir, inv_v, need_v_init, k, K)
+            self._commit(buckets, probes, vdir, inv_v, need_v_init, k, K, v_sq_prev)
 
     def _v_norm_sq(self, vdir) -> Tensor:
         """||v||^2 for this step: the value the previous combine_step_ accumulated while
@@ -219,9 +284,12 @@ class ProbeOptimizer(ProbeRuntime):
         first, other = self.scheme.v_terms
         inv_first = self._probe_inv(first)
         inv_other = self._probe_inv(other)
-        beta, gamma = self.beta_k(k), self._glob("gamma")
+        beta = self.beta_k(k) if self._dev is None else self._beta_on_device()
+        gamma = self._glob("gamma")
         a_first = (1.0 - beta) * gamma * inv_first
         a_other = (1.0 - beta) * (1.0 - gamma) * inv_other
+        if self._dev is not None:  # float64 device scalars; the unused slot stays a float zero
+            return beta * inv_v, a_first, a_other, 0.0
         if isinstance(a_first, Tensor):  # device scalars (CUDA): no host sync
             zero = torch.zeros_like(a_first)
             bv = beta * inv_v.to(device=a_first.device, dtype=a_first.dtype)
@@ -229,7 +297,7 @@ class ProbeOptimizer(ProbeRuntime):
             zero, bv = 0.0, beta * inv_v
         return bv, a_first, a_other, zero
 
-    def _commit(self, buckets, probes, vdir, inv_v, need_v_init, k, K):
+    def _commit(self, buckets, probes, vdir, inv_v, need_v_init, k, K, v_sq_prev=None):
         backend = self._backend()
         all_buckets = buckets
         if self._missing:
@@ -247,6 +315,8 @@ class ProbeOptimizer(ProbeRuntime):
             v_coefs_all = scheme.v_coefs(*v_scalars)
             on_device = isinstance(v_scalars[0], Tensor)
             v_sq = self._v_sq_accumulator(buckets)
+            if isinstance(need_v_init, Tensor):  # v <- g0 unless the step is skipped
+                need_v_init = need_v_init & (self._dev.found == 0)
         # per slot (g0, g+, g-): the probe's dense grads per bucket, if d uses that probe
         g0, gp, gm = (filled[n] if n in scheme.probes else None for n in PROBE_NAMES)
         written_v: list = []  # the v tensors combine_step_ rewrites (see _v_norm_sq)
@@ -263,11 +333,15 @@ class ProbeOptimizer(ProbeRuntime):
             if carried:
                 v = PlanList([self._v(p) for p in b.params])
                 written_v.extend(v)
-                if need_v_init:               # Algorithm 1, line 4: v_0 = g_0
+                if isinstance(need_v_init, Tensor):  # the device chooses (vdir is g0 or v)
+                    torch._foreach_copy_(v, [torch.where(need_v_init, d, x)
+                                             for d, x in zip(vdir[bi], v)])
+                elif need_v_init:               # Algorithm 1, line 4: v_0 = g_0
                     torch._foreach_copy_(v, vdir[bi])
                 v_coefs = v_coefs_all
                 if on_device:
-                    v_coefs = tuple(c.to(v[0].device) for c in v_coefs)
+                    v_coefs = tuple(c.to(v[0].device) if isinstance(c, Tensor) else c
+                                    for c in v_coefs)
             self._base_step(b, grads, coefs, v, v_coefs, backend,
                             v_sq_out=v_sq if carried else None)
 
@@ -277,7 +351,12 @@ class ProbeOptimizer(ProbeRuntime):
         if carried:
             self._engine["v_ready"] = True
             if v_sq is not None:  # every v was rewritten by this step: ||v||^2 for the next
-                self._v_sq = (v_sq[0], [(t, t._version) for t in written_v])
+                sq = v_sq[0]
+                if self._dev is not None:  # a skipped step left v (and v_sq zero): keep its norm
+                    sq = self._dev.keep("v_sq", torch.where(self._dev.found > 0,
+                                                            v_sq_prev.reshape(()).to(sq.dtype), sq))
+                if sq is not None:
+                    self._v_sq = (sq, [(t, t._version) for t in written_v])
         self._finish(all_buckets, k)
 
     def _v_sq_accumulator(self, buckets) -> Optional[Tensor]:

@@ -105,12 +105,26 @@ def global_sq(lists_per_group, pairs, backend: str = "auto") -> Tensor:
     return sum_parts(parts, len(pairs))
 
 
-def inv_norm(sq, eps: float):
+def sqrt64(x: Tensor) -> Tensor:
+    """sqrt in float64, correctly rounded as Python's math.sqrt on every device: ATen's
+    vectorised CPU sqrt is not (SLEEF; about 1% of float32 inputs differ in the last bit),
+    the complex one of a non-negative real is (std::sqrt); CUDA's sqrt is IEEE."""
+    x = x.to(torch.float64)
+    if x.device.type == "cpu":
+        return x.to(torch.complex128).sqrt().real
+    return x.sqrt()
+
+
+def inv_norm(sq, eps: float, on_device: bool = False):
     """1 / (||x|| + eps) from a squared norm (a 0-d tensor, or a float).
 
     CPU: a Python float computed in double precision: there is no device to wait for, and
     each 0-d tensor op costs microseconds, more than the fused passes of a small model.
-    Elsewhere: a 0-d device tensor (no host sync)."""
+    Elsewhere: a 0-d device tensor (no host sync). ``on_device`` (the device-flag mode, any
+    device): a 0-d float64 tensor computed as the CPU's double-precision float, bit for bit
+    (IEEE sqrt, add and divide)."""
+    if on_device:
+        return 1.0 / (sqrt64(sq) + eps)
     if isinstance(sq, float) or sq.device.type == "cpu":
         return 1.0 / (math.sqrt(float(sq)) + eps)
     return 1.0 / (sq.sqrt() + eps)
@@ -166,15 +180,20 @@ def advance_steps(states: Sequence[dict], base: BaseStep) -> None:
 
 def base_step_(params, masters, grads, coefs, base: BaseStep, state: dict, v=None, v_coefs=None,
                v_sq_out: Optional[Tensor] = None, write_masters: bool = True,
-               backend: str = "auto", groups: Optional[KindGroups] = None) -> None:
+               backend: str = "auto", groups: Optional[KindGroups] = None,
+               skip_if: Optional[Tensor] = None) -> None:
     """``ops.combine_step_`` (d = sum c_i g_i, then the SGD/AdamW step with d, optional v
     update) over tensors of several devices/dtypes: one call per group of ``groups``
     (default: all tensors are of one device and dtype). Arguments as ops.combine_step_;
-    ``state``: {name: per-parameter list}."""
+    ``state``: {name: per-parameter list}; ``skip_if``: a device flag (only with one
+    group), passed only when given."""
     if groups is None or groups.single:
+        extra = {} if skip_if is None else dict(skip_if=skip_if)
         ops.combine_step_(params, masters, grads, coefs, base, state, v, v_coefs,
-                          v_sq_out=v_sq_out, write_masters=write_masters, backend=backend)
+                          v_sq_out=v_sq_out, write_masters=write_masters, backend=backend, **extra)
         return
+    if skip_if is not None:
+        raise ValueError("base_step_: skip_if needs tensors of one device and dtype")
     cut = groups.split
     gl = [cut(g) for g in grads]
     sl = {k: cut(x) for k, x in state.items()}
@@ -185,14 +204,18 @@ def base_step_(params, masters, grads, coefs, base: BaseStep, state: dict, v=Non
 
 
 def sync_slow_(slow, fast, alpha: float, params=None, backend: str = "auto",
-               groups: Optional[KindGroups] = None) -> None:
+               groups: Optional[KindGroups] = None, skip_if: Optional[Tensor] = None) -> None:
     """Lookahead outer step per group: slow += alpha (fast - slow); fast = slow; and, when
     ``params`` are distinct from ``fast`` (fp32 masters of bf16/fp16 params),
-    params = cast(fast). alpha = 1 is an exact copy on every backend."""
+    params = cast(fast). alpha = 1 is an exact copy on every backend. ``skip_if``: a device
+    flag, nonzero = write nothing (passed to the op only when given)."""
     pieces = zip(groups.split(slow), groups.split(fast), groups.split(params)) \
         if groups is not None and not groups.single else [(slow, fast, params)]
     for s, f, p in pieces:
         if not s:
             continue
         aliased = p is None or all(a is b for a, b in zip(f, p))
-        ops.lookahead_sync_(s, f, alpha, params=None if aliased else p, backend=backend)
+        extra = {}
+        if skip_if is not None:
+            extra["skip_if"] = skip_if if skip_if.device == f[0].device else skip_if.to(f[0].device)
+        ops.lookahead_sync_(s, f, alpha, params=None if aliased else p, backend=backend, **extra)

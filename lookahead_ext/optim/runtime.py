@@ -6,6 +6,7 @@ import math
 import warnings
 import weakref
 from collections import defaultdict
+from dataclasses import replace
 from collections.abc import Mapping
 from typing import Iterator, Optional
 
@@ -13,15 +14,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..ops.base_step import BaseStep
+from ..ops.base_step import ADAMW, BaseStep
 from ..ops.helpers import aliasing_errors, trust_engine_calls
 from ..ops.plan_lists import PlanList, new_epoch
 from ._buckets import Bucket, make_buckets, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow, join_slow
+from .device_flags import DeviceCounters, to_device_state, to_host_state
 from .diagnostics import CosineTracking
 from .groups import (advance_steps, base_step_, global_sq, inv_norm, per_parameter_steps,
-                     state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
+                     sqrt64, state_buffer, state_buffers, sum_parts, sync_slow_, zero_filled)
 from .checkpoint import (check_counter, check_layout, check_writer, checked_state,
                          checked_tensors, merged_groups, refuse, run_hooks)
 from .hooks import ProbeHooks
@@ -113,13 +115,26 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             ``_hyper_rules``, as every param group is).
         track_cosine: record the cosine between consecutive update directions in
             ``cosine_history`` (diagnostics). Default: False.
+        device_skip: the device-flag mode (docs/gpu.md): the NaN/Inf checks accumulate
+            into a device flag read by the fused ops, the counters live on the device, and
+            the step makes no host read. None: on for CUDA parameters where the class
+            supports it without extra evaluations (``device_skip_default``); True: on where
+            the class supports it (any device, e.g. CPU tensors in tests); False: off.
+            Settable later as the attribute of that name. Default: None.
     """
 
     lookahead = False
     _stepping = False  # a step is in progress (see _check_reentry)
+    # class-level defaults: an optimizer pickled before the device-flag mode existed loads
+    device_skip: Optional[bool] = None
+    skip_check_every: Optional[int] = None
+    _dev = None
+    _dev_steps = 0
+    _last_found = None
     _warned_no_grad = False  # the "no gradient at all" warning is given once (see _capture)
 
-    def __init__(self, params, defaults: dict, track_cosine: bool = False):
+    def __init__(self, params, defaults: dict, track_cosine: bool = False,
+                 device_skip: Optional[bool] = None):
         self._validate(defaults)
         self._init_hooks()
         super().__init__(params, defaults)
@@ -134,6 +149,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._clip: dict = {}  # probe name -> clip factor < 1 (max_grad_norm): see _clip_probe
         self._grad_norms: list = []
         self._last_norms: Optional[list] = None  # see last_grad_norm
+        self._last_found: Optional[Tensor] = None  # device-flag mode: the last step's found_inf
         self._slow: dict = {}
         self.last_loss = None
         self.track_cosine = bool(track_cosine)
@@ -142,6 +158,14 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._closure_kind: Optional[str] = None  # top-level module of step()'s closure
         self._warned_outside = False  # see _outside_gradients
         self._handed_back: dict = {}  # see _hand_back
+        if device_skip not in (None, True, False):
+            raise ValueError(f"device_skip must be None, True or False, got {device_skip!r}")
+        self.device_skip = device_skip
+        #: device-flag mode: read the device counters (and warn about skips) every this many
+        #: steps; None = only when a counter is read (num_steps, num_skipped, state_dict, ...)
+        self.skip_check_every: Optional[int] = None
+        self._dev: Optional[DeviceCounters] = None  # the device-flag mode's state, see _enter_mode
+        self._dev_steps = 0  # steps taken in the device-flag mode (for skip_check_every)
         if self.lookahead:
             init_slow(trainable(self.param_groups), self._slow)
 
@@ -169,6 +193,13 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     def _backend(self) -> str:
         return self._glob("backend")
 
+    def _counters(self) -> dict:
+        """The engine counters, read from the device in the device-flag mode (a host read,
+        which also gives the RuntimeWarning of skips not reported yet)."""
+        if self._dev is not None:
+            self._dev.read(self._engine, type(self).__name__, stacklevel=4)
+        return self._engine
+
     @property
     def num_evals(self) -> int:
         """Forward/backward passes (gradient evaluations) performed so far."""
@@ -177,17 +208,73 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     @property
     def num_steps(self) -> int:
         """Inner steps applied (skipped steps excluded)."""
-        return self._engine["steps"]
+        return self._counters()["steps"]
 
     @property
     def num_skipped(self) -> int:
         """Updates skipped because a loss or gradient was not finite."""
-        return self._engine["skipped"]
+        return self._counters()["skipped"]
 
     @property
     def cycle_position(self) -> int:
         """Index k of the next inner step within the current Lookahead cycle."""
-        return self._engine["k"]
+        return self._counters()["k"]
+
+    # ------------------------------------------------------------------ device-flag mode
+    def _device_skip_supported(self) -> bool:
+        """Whether this optimizer's step runs in the device-flag mode (the CMLR family's
+        own step does; others keep the host path)."""
+        return False
+
+    def device_skip_default(self) -> bool:
+        """Whether ``device_skip=None`` turns the device-flag mode on for CUDA parameters
+        (members whose probe schedule needs no extra evaluation in that mode)."""
+        return self._device_skip_supported()
+
+    @property
+    def device_skip_active(self) -> bool:
+        """Whether the last step ran in the device-flag mode."""
+        return self._dev is not None
+
+    def _wants_device(self, buckets) -> bool:
+        ds = self.device_skip
+        if ds is False or not self._device_skip_supported():
+            return False
+        if ds is None:
+            return self.device_skip_default() and any(
+                b.params and b.params[0].device.type == "cuda" for b in buckets)
+        return True
+
+    def _enter_mode(self, buckets) -> None:
+        """Start the step in the mode it runs in (converting counters and per-parameter
+        state when the mode changes) and clear the device flag."""
+        if not self._wants_device(buckets):
+            if self._dev is not None:
+                self._leave_device()
+            return
+        if self._dev is None:
+            dev = next((b.params[0].device for b in buckets if b.params), torch.device("cpu"))
+            self._dev = DeviceCounters(self._engine, dev)
+        to_device_state(buckets, self.state, self._glob("base"))
+        self._dev.found.zero_()
+
+    def _leave_device(self) -> None:
+        """Back to the host path: counters and per-parameter state in host format."""
+        eng = self._counters()
+        to_host_state(self.state.values(), self._glob("base"), eng)
+        self._dev = None
+
+    def last_found_inf(self):
+        """Whether the last step was skipped: the device-flag mode's found_inf (0-d float32
+        on the parameters' device, 1.0 = skipped; no host read), else a bool. None before
+        the first step. E.g. for a GradScaler (lookahead_ext.amp)."""
+        return self._last_found
+
+    def _quiet_skip(self, found) -> None:
+        """A skip that its caller reports (a GradScaler's overflow): no RuntimeWarning for
+        it. Device-flag mode: ``found`` is last_found_inf(), counted on the device."""
+        if isinstance(found, Tensor) and self._dev is not None:
+            self._dev.quiet.add_(found.to(self._dev.quiet.device, torch.float64))
 
     # ------------------------------------------------------------------ the step
     def step(self, closure=None):
@@ -258,18 +345,26 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._clip, self._grad_norms = {}, []  # set by _probe: see _clip_probe
         self._dirs = [] if self.track_cosine else None
         buckets = self._step_buckets()
-        committed = False
+        self._enter_mode(buckets)
+        committed = skipped = False
         try:
             yield from self._probe_and_commit(buckets)
             committed = True
         except _Skip:
-            committed = True  # weights already restored
+            committed = skipped = True  # weights already restored
             self._dirs = None
             self._grad_norms = []
         finally:
             if not committed:
                 with torch.no_grad():
                     self._restore(buckets)
+        dev = self._dev
+        if committed:
+            self._last_found = skipped
+        if dev is not None and committed:
+            self._last_found = dev.last_found
+            if self._dirs is not None and dev.last_found.item():  # track_cosine reads the host
+                self._dirs = None
         if self._dirs is not None:
             with torch.no_grad():
                 self._record_cosine()
@@ -277,6 +372,11 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if committed:
             self._last_norms = self._grad_norms
         self._opt_called = True  # lets torch lr schedulers know a step happened
+        if dev is not None and committed:
+            self._dev_steps += 1
+            every = self.skip_check_every
+            if every and self._dev_steps % every == 0:
+                self._counters()
 
     def _probe_and_commit(self, buckets):
         """The algorithm: a generator that ``yield from``s ``self._probe(...)`` for each
@@ -365,12 +465,12 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if self._norm_reducers:
             sq = self._reduce_norm(torch.tensor(sq, dtype=torch.float32)
                                    if isinstance(sq, float) else sq)
-        return inv_norm(sq, self._glob("norm_eps"))
+        return inv_norm(sq, self._glob("norm_eps"), self._dev is not None)
 
     def _probe_inv(self, name: str):
         """1 / (||g|| + norm_eps) of probe ``name``'s gradient: its global squared norm from
         the probe's fused check, already through the norm reducers (see _clip_probe)."""
-        return inv_norm(self._probe_sq[name], self._glob("norm_eps"))
+        return inv_norm(self._probe_sq[name], self._glob("norm_eps"), self._dev is not None)
 
     def _global_sq(self, lists_per_bucket, pairs) -> Tensor:
         """groups.global_sq with this optimizer's backend."""
@@ -392,13 +492,18 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
 
     # ------------------------------------------------------------------ one probe
     def _probe(self, buckets, index, name, direction=None, sign=0.0, inv_vnorm=None,
-               release_direction=False):
+               release_direction=False, used=None):
         """Put every bucket's params at w + sign*rho*inv_vnorm*direction (``direction``: per
         bucket, a tensor list; none = at w), yield a Probe, then capture and return the
         gradients (per bucket, a list with None for params without grad), count the
         evaluation and skip the update on non-finite values. ``release_direction``: the
         caller's last use of ``direction``: its per-bucket lists are emptied once the probe
-        point is written, before the probe's backward."""
+        point is written, before the probe's backward. ``used`` (device-flag mode): a 0-d
+        bool tensor, the probe's loss and gradients count towards the skip only where it
+        is set (a probe the step may not need); None = always.
+
+        In the device-flag mode nothing is read on the host: the loss and gradient checks
+        go into the device flag and the step goes on with the remaining probes."""
         backend = self._backend()
         if not self._probe_sq and self._grads_from_outside(buckets):
             self._outside_gradients()  # the step's first probe: nothing is changed yet
@@ -445,9 +550,12 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             self._run_probe_hooks(probe, [p for b in buckets for p in b.params], False)
         if index == 0:
             self.last_loss = probe.loss
-        if probe.loss is not None and not _finite_loss(probe.loss):
+        if self._dev is not None:
+            if probe.loss is not None:
+                self._dev.add_loss(probe.loss, used)
+        elif probe.loss is not None and not _finite_loss(probe.loss):
             self._skip(buckets, f"non-finite loss at probe {name}")
-        return self._capture(buckets, name, backend)
+        return self._capture(buckets, name, backend, used)
 
     def _hand_back(self, pairs) -> None:
         """Leave a probe's gradient in .grad, as after a normal backward(): ``pairs`` of
@@ -491,7 +599,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 "with the max_grad_norm option, accumulate inside the closure (or per probe "
                 "of opt.probes()), and zero with set_to_none=True.", RuntimeWarning, stacklevel=5)
 
-    def _capture(self, buckets, name, backend):
+    def _capture(self, buckets, name, backend, used=None):
         grads, checks, missing = [], {}, False
         for b in buckets:
             gl = PlanList()  # read once by the check, reused by the base step
@@ -525,6 +633,10 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             if not flat:
                 continue
             res = ops.nonfinite_([flat], inv_scale, sq_norms=True, backend=backend)
+            if self._dev is not None:  # into the device flag: no host read
+                self._dev.add_flag(res[0], used)
+                parts.append((res, None))
+                continue
             if res.device.type == "cpu":  # one host read of [flag, ||g||^2] (see inv_norm)
                 flag, sq = res.tolist()
                 parts.append((res, sq if res.dtype == torch.float32 else None))
@@ -537,10 +649,27 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             self._probe_sq[name] = parts[0][1]
         else:
             self._probe_sq[name] = sum_parts([res[1:] for res, _ in parts], 1)[0]
-        self._clip_probe(name, grads)
+        self._clip_probe(name, grads, used)
         return grads
 
-    def _clip_probe(self, name, grads) -> None:
+    def _clip_on_device(self, name, grads, sq, used) -> None:
+        """_clip_probe in the device-flag mode: the norm in float64 as on the host path;
+        the clip factor min(1, max_grad_norm / (norm + 1e-6)) stays on the device and scales
+        the gradients in place (an unclipped probe is multiplied by exactly 1). A probe the
+        step may not use (``used``) reports norm 0 (a max over norms ignores it)."""
+        norm = sqrt64(sq)
+        self._grad_norms.append(norm if used is None else torch.where(used, norm, 0.0))
+        max_norm = self.param_groups[0].get("max_grad_norm")
+        if not max_norm:
+            return
+        c = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        with _no_grad():
+            flat = [g for gl in grads for g in gl if g is not None]
+            if flat:
+                torch._foreach_mul_(flat, c.to(device=flat[0].device, dtype=flat[0].dtype))
+        self._probe_sq[name] = sq.to(torch.float64) * (c * c)
+
+    def _clip_probe(self, name, grads, used=None) -> None:
         """Record probe ``name``'s global gradient norm (unscaled, before clipping) and, under
         ``max_grad_norm``, clip it by torch.nn.utils.clip_grad_norm_'s factor
         min(1, max_grad_norm / (norm + 1e-6)). The family's own step applies the factor as
@@ -551,6 +680,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if self._norm_reducers:  # e.g. a sum over shards (FSDP2): once per probe, kept global
             sq = self._probe_sq[name] = self._reduce_norm(
                 torch.tensor(sq, dtype=torch.float32) if isinstance(sq, float) else sq)
+        if self._dev is not None:
+            self._clip_on_device(name, grads, sq, used)
+            return
         norm = math.sqrt(sq) if isinstance(sq, float) else sq.sqrt()
         self._grad_norms.append(norm)
         max_norm = self.param_groups[0].get("max_grad_norm")
@@ -574,6 +706,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         norms = self._last_norms
         if norms is None:
             return None
+        if isinstance(self._last_found, Tensor) and self._last_found.item():
+            return math.nan  # device-flag mode (the host path keeps no norms of a skipped step)
         return max(float(n) for n in norms) if norms else math.nan
 
     # ------------------------------------------------------------------ commit
@@ -608,10 +742,16 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._ensure_synced([b])
         states = [self.state[p] for p in b.params]
         betas = g.get("betas", (0.9, 0.999))  # base="sgd" groups carry none
-        template = BaseStep(kind=self._glob("base"), lr=float(g["lr"]),
+        lr = g["lr"]
+        if not (self._dev is not None and isinstance(lr, Tensor)):  # device mode: read on the device
+            lr = float(lr)
+        template = BaseStep(kind=self._glob("base"), lr=lr,
                             weight_decay=g["weight_decay"], momentum=g["momentum"],
                             dampening=g["dampening"], nesterov=g["nesterov"],
                             beta1=betas[0], beta2=betas[1], eps=g["eps"])
+        if self._dev is not None:
+            self._base_step_on_device(b, states, grads, coefs, template, v, v_coefs, backend, v_sq_out)
+            return
         ages = per_parameter_steps(states, template)
         # Mixed ages split the bucket: a fused ||v||^2 would sum per age group, and differ in
         # the last bit from the multi_dot pass over the bucket that the next step runs when
@@ -634,6 +774,51 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if not b.low_precision:
             b.synced = False
 
+    def _base_step_on_device(self, b, states, grads, coefs, template, v, v_coefs, backend,
+                             v_sq_out) -> None:
+        """_base_step in the device-flag mode: one combine_step_ per shared device counter
+        of applied base steps (device_flags.to_device_state; AdamW's step and SGD's first
+        flag come from it), skipped on the device flag; then the counters advance by 1 unless
+        the step is skipped (in place when every holder advances, else the advanced
+        parameters get a new counter)."""
+        dev = self._dev
+        found = dev.found
+        if found.device != b.params[0].device:
+            found = found.to(b.params[0].device)
+        shared: dict = {}
+        for i, st in enumerate(states):
+            shared.setdefault(id(st["step"]), (st["step"], []))[1].append(i)
+        split_sq = v_sq_out is not None and len(shared) > 1
+        app = None
+        for cnt, idx in shared.values():
+            if template.kind == ADAMW:
+                base = replace(template, step=cnt + 1.0)
+            elif template.uses_momentum:
+                base = replace(template, first=cnt == 0)
+            else:
+                base = template
+            sel = (lambda lst: lst) if len(shared) == 1 else \
+                (lambda lst: None if lst is None else PlanList([lst[i] for i in idx]))  # noqa: E731
+            params, pstates = sel(b.params), sel(states)
+            if self._dirs is not None:
+                self._record_direction(params, tuple(sel(x) for x in grads), coefs)
+            base_step_(params, sel(b.masters), tuple(sel(x) for x in grads), coefs, base,
+                       state_buffers(params, pstates, base.state_names()), sel(v), v_coefs,
+                       v_sq_out=None if split_sq else v_sq_out, write_masters=b.low_precision,
+                       backend=backend, skip_if=found)
+            if app is None:
+                app = (1.0 - found.to(torch.float64))
+            if self._missing:  # a parameter without gradient keeps its (shared) counter
+                new = cnt + app
+                for st in pstates:
+                    st["step"] = new
+            else:
+                cnt.add_(app)
+        if split_sq:
+            v_sq_out.add_(global_sq([[v]], [(0, 0)], backend))
+        if not b.low_precision:
+            b.synced = False
+
     def _finish(self, buckets, k: Optional[int] = None) -> None:
         """Bookkeeping at the end of an applied inner step, then the Lookahead sync after
         the K-th one. ``buckets``: all buckets of the step (params without gradients too:
@@ -644,9 +829,16 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             b.perturbed = False
         for b in self._plan[1]:
             if b.pending:  # new fp32 masters join the state with the first applied step
-                for p, m in zip(b.params, b.masters):
+                for p, m in zip(b.params, b.masters):  # (device-flag mode: now; see to_host_state)
                     self.state[p].setdefault("master", m)
                 b.pending = False
+        if self._dev is not None:
+            skip_sync = self._dev.finish(self._glob("k"), self.lookahead,
+                                         getattr(self, "direction", None) is not None
+                                         and self.direction.carried)
+            if skip_sync is not None:
+                self._sync_buckets(buckets, skip_sync)
+            return
         eng["steps"] += 1
         eng["k"] = k + 1
         if not self.lookahead:
@@ -655,15 +847,19 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             self._sync_buckets(buckets)
 
     # ------------------------------------------------------------------ lookahead
-    def _sync_buckets(self, buckets) -> None:
+    def _sync_buckets(self, buckets, skip_if: Optional[Tensor] = None) -> None:
         """slow <- slow + alpha (fast - slow), fast <- slow (Algorithm 1, line 18); restarts
         the cycle. The fast weights are the fp32 masters of bf16/fp16 buckets, else the
-        params (their masters are scratch)."""
+        params (their masters are scratch). ``skip_if`` (device-flag mode): a device flag,
+        nonzero = no sync (the counters were advanced by DeviceCounters.finish)."""
         alpha, backend = self._glob("alpha"), self._backend()
         for b in buckets:
             if b.params:
                 sync_slow_([self._slow[p] for p in b.params],
-                           b.masters if b.low_precision else b.params, alpha, b.params, backend)
+                           b.masters if b.low_precision else b.params, alpha, b.params, backend,
+                           skip_if=skip_if)
+        if skip_if is not None:
+            return
         self._engine["k"] = 0
         self._engine["cycles"] += 1
         if self._glob("reset_base_state"):
@@ -681,6 +877,8 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         self._slow_map()
         self._check_reentry("sync()")
         self._sync_buckets(self._step_buckets())
+        if self._dev is not None:  # the host counters are a stale copy: restart on the device
+            self._dev.restart_cycle()
         self._mark_versions()
 
     # ------------------------------------------------------------------ copy, state dict
@@ -707,7 +905,18 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         writer's class name, the engine counters (cycle position, steps, evaluations, skips),
         the slow weights by parameter index and the cosine history. ``backend`` stays in
         the groups as a record of the run; :meth:`load_state_dict` ignores it."""
-        sd = super().state_dict()
+        if self._dev is not None:  # the host format (a copy: the run goes on on the device)
+            from copy import copy
+            eng = self._counters()
+            saved = self.state
+            self.state = defaultdict(dict, {p: copy(st) for p, st in saved.items()})
+            try:
+                to_host_state(self.state.values(), self._glob("base"), eng)
+                sd = super().state_dict()
+            finally:
+                self.state = saved
+        else:
+            sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         sd[ENGINE_KEY] = dict(optimizer=type(self).__name__, engine=dict(self._engine),
                               slow={index[id(p)]: s.clone() for p, s in self._slow.items()},
@@ -736,6 +945,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         # commit: nothing below raises
         self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         self._engine = dict(engine)
+        self._dev = None  # host format loaded: the next step converts it if in device mode
         self._slow = slow
         self.cosine_history = list(extra.get("cosine_history", []))
         self._scratch = {}
