@@ -291,16 +291,19 @@ def checked(lst: PlanList) -> Optional[Column]:
     st = step()
     if lst._step == st:
         return col
-    if lst._seen != (tuple(map(_data_ptr, lst)), tuple(map(_version, lst))):
+    if lst._seen is None or lst._seen != (tuple(map(_data_ptr, lst)), tuple(map(_version, lst))):
         return None
     lst._step = st
     return col
 
 
 def keep(lst: PlanList, col: Column) -> None:
-    """Record `col`, just read from `lst`'s tensors, as its column for this step."""
+    """Record `col`, just read from `lst`'s tensors, as its column for this step. The version
+    counters that a later step re-checks are read from a list's second full read on: a list
+    used in one step only (a probe's gradients) is read once, without them."""
+    seen = lst._epoch != -1
     lst._col, lst._epoch, lst._step = col, epoch(), step()
-    lst._seen = (col.ptrs, tuple(map(_version, lst)))
+    lst._seen = (col.ptrs, tuple(map(_version, lst))) if seen else None
 
 
 class Prepared:
