@@ -25,8 +25,9 @@ Design (works compiled on CUDA and under TRITON_INTERPRET=1 on CPU; checked in b
   column uids). An address reused by the caching allocator for another tensor of the same
   size and dtype yields the same, still correct, column. Cached plans are never mutated.
   A plain list is read in full on every call (4 reads per tensor, C-level maps); a
-  PlanList (lookahead_ext.ops.plan_lists) keeps its column for the current epoch, so a
-  call on PlanLists costs O(1) per list: the persistent launch plans of the engine.
+  PlanList (lookahead_ext.ops.plan_lists) keeps its column: O(1) per list within a step,
+  two maps (addresses, version counters) at a new step, a full read at a new epoch: the
+  persistent launch plans of the engine.
 - Non-contiguous tensors are handled by a contiguous copy (written back for outputs).
 """
 from __future__ import annotations

@@ -3,22 +3,24 @@
 A fused-op call on the Triton backend needs, for every tensor list it gets, the tensors'
 addresses, dtypes, sizes and contiguity (its pointer tables are built from them). For a
 plain list these are read on every call (four reads per tensor). A PlanList is a ``list``
-(every backend takes it as one) that remembers them: it is checked in full on its first
-use in an *epoch*, and trusted for the rest of that epoch, so that the hot path of an
-op call is O(1) in the number of tensors.
+(every backend takes it as one) that remembers them: it is read in full on its first use
+in an *epoch*, re-checked by two C-level maps (addresses, version counters) on its first
+use in each later *step* of that epoch, and trusted for the rest of a step, so that the
+hot path of an op call is O(1) in the number of tensors.
 
 The contract of the owner (the optimizer engine owns its PlanLists):
 
 - ``new_epoch()`` starts a new epoch: every PlanList is read in full on its next use. Call
   it whenever a tensor of a PlanList may have changed in a way that keeps its address
   (``.data =`` a view that starts at the same element, another dtype or layout at the same
-  address). The engine calls it when it rebuilds its buckets and on ``load_state_dict``.
+  address). The engine calls it when it rebuilds its buckets (also after ``load_state_dict``).
 - ``new_step()`` starts a new step of the current epoch: a PlanList checked earlier in the
-  epoch is re-checked by one C-level map over its tensors' addresses and version counters
-  (the two reads that move when a tensor is re-pointed to other memory, ``.data =``,
+  epoch is re-checked by one C-level map over its tensors' addresses and one over their
+  version counters (the two reads that move when a tensor is re-pointed to other memory, ``.data =``,
   ``set_``, ``share_memory_``, ``swap_tensors``, or changed in place, ``resize_``, ``t_``,
   ``as_strided_``...): any difference reads it in full again. The engine calls it at the
-  start of every step.
+  start of every step. A list's first full read takes no version counters (a probe's
+  gradient list is used in one step); it is read in full once more, then re-checked.
 - Mutating a PlanList (append, item assignment, ...) forgets its column at once.
 - Copies (``copy``/``deepcopy``/pickle) are plain, unvalidated PlanLists: a deep copy has
   new tensors at new addresses and must never inherit the original's column.
