@@ -25,8 +25,9 @@ Design (works compiled on CUDA and under TRITON_INTERPRET=1 on CPU; checked in b
   column uids). An address reused by the caching allocator for another tensor of the same
   size and dtype yields the same, still correct, column. Cached plans are never mutated.
   A plain list is read in full on every call (4 reads per tensor, C-level maps); a
-  PlanList (lookahead_ext.ops.plan_lists) keeps its column for the current epoch, so a
-  call on PlanLists costs O(1) per list: the persistent launch plans of the engine.
+  PlanList (lookahead_ext.ops.plan_lists) keeps its column: O(1) per list within a step,
+  two maps (addresses, version counters) at a new step, a full read at a new epoch: the
+  persistent launch plans of the engine.
 - Non-contiguous tensors are handled by a contiguous copy (written back for outputs).
 """
 from __future__ import annotations
@@ -35,14 +36,14 @@ import itertools
 import operator
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from lookahead_ext.ops.plan_lists import PlanList, epoch
+from lookahead_ext.ops.plan_lists import PlanList, epoch, step
 
 # TRITON_INTERPRET is read by @triton.jit when a kernel is *defined*: record the mode the
 # kernels of this package were defined in.
@@ -136,6 +137,18 @@ class Plan:
     seg: torch.Tensor        # int64 [n + 1]: global chunk column range of each row
     n_cols: int              # total chunks (= partials per reduced quantity)
     total: torch.Tensor      # int64 [2] = (0, n_cols): one segment over every chunk
+    _scratch: dict = field(default_factory=dict)
+
+    def scratch(self, rows: int) -> torch.Tensor:
+        """float32 [rows, n_cols], owned by the plan: per-program partials that a call
+        reduces before it returns (no allocation per call). One buffer per stream: calls
+        on one stream run in order; calls on two streams get their own."""
+        dev = self.seg.device
+        key = (rows, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty(rows, max(self.n_cols, 1), dtype=torch.float32, device=dev)
+        return buf
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,6 +279,34 @@ def _build(slots, cols, device, chunk) -> Plan:
 
 
 # ----------------------------------------------------------------------------- inputs
+_version = operator.attrgetter("_version")
+
+
+def checked(lst: PlanList) -> Optional[Column]:
+    """The column a PlanList keeps, if still valid: as it is within the step it was checked
+    in; in a later step of the same epoch, if its tensors kept their addresses and version
+    counters (one map each); else None (read it in full)."""
+    col = lst._col
+    if col is None or lst._epoch != epoch():
+        return None
+    st = step()
+    if lst._step == st:
+        return col
+    if lst._seen is None or lst._seen != (tuple(map(_data_ptr, lst)), tuple(map(_version, lst))):
+        return None
+    lst._step = st
+    return col
+
+
+def keep(lst: PlanList, col: Column) -> None:
+    """Record `col`, just read from `lst`'s tensors, as its column for this step. The version
+    counters that a later step re-checks are read from a list's second full read on: a list
+    used in one step only (a probe's gradients) is read once, without them."""
+    seen = lst._epoch != -1
+    lst._col, lst._epoch, lst._step = col, epoch(), step()
+    lst._seen = (col.ptrs, tuple(map(_version, lst))) if seen else None
+
+
 class Prepared:
     """Contiguous views/copies of the slot lists and their columns; `plan()` gives their
     tables, `finish()` writes back the copies made for non-contiguous outputs. Raises
@@ -279,21 +320,19 @@ class Prepared:
         self.cols = []
         self._back = []
         n = None
-        ep = epoch()
         for si, lst in enumerate(slots):
             if lst is None:
                 self.slots.append(None)
                 self.cols.append(None)
                 continue
-            if type(lst) is PlanList and lst._col is not None and lst._epoch == ep:
-                col = lst._col
-            else:
+            col = checked(lst) if type(lst) is PlanList else None
+            if col is None:
                 if not isinstance(lst, list):
                     lst = list(lst)
                 if all(map(_contiguous, lst)):
                     col = column(lst)
                     if type(lst) is PlanList:
-                        lst._col, lst._epoch = col, ep
+                        keep(lst, col)
                 else:
                     out = []
                     for t in lst:
@@ -342,8 +381,9 @@ def scalar_arg(x, device, dummy):
 
 # ----------------------------------------------------------------------------- second pass
 @triton.jit
-def segsum_kernel(src, dst, seg, n_src_cols, n_segs, BLOCK: tl.constexpr):
-    """dst[row, s] = sum(src[row, seg[s]:seg[s+1]]) in a fixed order (row = axis 1)."""
+def segsum_kernel(src, dst, seg, n_src_cols, n_segs, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[row, s] (+)= sum(src[row, seg[s]:seg[s+1]]) in a fixed order (row = axis 1);
+    ACC: add to dst (float32) instead of overwriting it."""
     s = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     start = tl.load(seg + s)
@@ -352,7 +392,10 @@ def segsum_kernel(src, dst, seg, n_src_cols, n_segs, BLOCK: tl.constexpr):
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         acc += tl.load(src + row * n_src_cols + idx, mask=idx < end, other=0.0)
-    tl.store(dst + row * n_segs + s, tl.sum(acc, axis=0))
+    total = tl.sum(acc, axis=0)
+    if ACC:
+        total = tl.load(dst + row * n_segs + s) + total
+    tl.store(dst + row * n_segs + s, total)
 
 
 @triton.jit
@@ -371,7 +414,7 @@ def segsum(src: torch.Tensor, seg: torch.Tensor, n_segs: int) -> torch.Tensor:
     dst = torch.empty(R, n_segs, dtype=torch.float32, device=src.device)
     if R == 0 or n_segs == 0:
         return dst
-    segsum_kernel[(n_segs, R)](src, dst, seg, C, n_segs, BLOCK=CONFIG.seg_block,
+    segsum_kernel[(n_segs, R)](src, dst, seg, C, n_segs, ACC=False, BLOCK=CONFIG.seg_block,
                                num_warps=CONFIG.num_warps,
                                enable_fp_fusion=CONFIG.fp_fusion)
     return dst

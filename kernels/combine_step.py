@@ -12,7 +12,8 @@ constexpr. The order of the floating-point operations mirrors reference.py.
 
 write_masters=False (constexpr WRITE_W): the new w is stored to params only, the masters
 are only read. v_sq_out (+= sum v_new^2) is emulated: one multi_dot pass over the updated
-v after the step (deterministic, per-program partials + a fixed-order sum; not fused).
+v after the step (deterministic, per-program partials + a fixed-order sum added in place;
+not fused).
 """
 from __future__ import annotations
 
@@ -276,9 +277,10 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
                 FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion, **flags)
     prep.finish()
     if v_sq_out is not None:
-        from .multi_dot import multi_dot
-        vsq = multi_dot([v], [(0, 0)]).reshape(v_sq_out.shape)
         if skip is None:
-            v_sq_out.add_(vsq)
+            from .multi_dot import sq_norm_into
+            sq_norm_into(v, v_sq_out)  # += ||v||^2, in place
         else:  # unchanged bits when skipped (a select on the device)
+            from .multi_dot import multi_dot
+            vsq = multi_dot([v], [(0, 0)]).reshape(v_sq_out.shape)
             v_sq_out.copy_(torch.where(skip.reshape(()) != 0, v_sq_out, v_sq_out + vsq))

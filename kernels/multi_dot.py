@@ -62,17 +62,24 @@ def _dot_kernel(table, work, partials, n_cols, row_xx, row_yy, row_xy,
         tl.store(partials + row_xy * n_cols + col, tl.sum(acc_xy, axis=0))
 
 
-def _launches(pairs):
+_SCHEDULES: dict = {}
+
+
+def _launches(pairs: tuple):
     """Unique products (unordered list pairs) and a schedule of launches, each reading at
     most two lists: cross products first (with the matching squares), then the remaining
-    squares two at a time."""
+    squares two at a time. Cached per `pairs`; also returns the output row of each pair
+    (None when the rows are the products in order)."""
+    hit = _SCHEDULES.get(pairs)
+    if hit is not None:
+        return hit
     keys = []
     for i, j in pairs:
         k = (min(i, j), max(i, j))
         if k not in keys:
             keys.append(k)
     todo = list(keys)
-    sched = []  # (x, y or None, {"xx": key, "yy": key, "xy": key})
+    sched = []  # (x, y or None, HAS_Y, DO_XX, DO_YY, DO_XY, row_xx, row_yy, row_xy)
     for k in [k for k in keys if k[0] != k[1]]:
         i, j = k
         job = {"xy": k}
@@ -90,7 +97,34 @@ def _launches(pairs):
             sched.append((i, j, {"xx": diag[a], "yy": diag[a + 1]}))
         else:
             sched.append((i, None, {"xx": diag[a]}))
-    return keys, sched
+    jobs = []
+    for x, y, job in sched:
+        rows = {name: keys.index(k) for name, k in job.items()}
+        jobs.append((x, y, y is not None, "xx" in rows, "yy" in rows, "xy" in rows,
+                     rows.get("xx", 0), rows.get("yy", 0), rows.get("xy", 0)))
+    idx = [keys.index((min(i, j), max(i, j))) for i, j in pairs]
+    res = _SCHEDULES[pairs] = (len(keys), jobs, None if idx == list(range(len(keys))) else idx)
+    return res
+
+
+def _partials(lists, jobs, n_keys):
+    """Launch the schedule; returns (partials [n_keys, n_cols] owned by the first plan, that
+    plan). Each launch's plan has the same rows, hence the same chunk columns."""
+    cfg = _mta.CONFIG
+    partials = first = None
+    for x, y, has_y, do_xx, do_yy, do_xy, row_xx, row_yy, row_xy in jobs:
+        prep = _mta.Prepared([lists[x], lists[y] if has_y else None])
+        p = prep.plan()
+        if partials is None:
+            partials, first = p.scratch(n_keys), p
+        for g in p.groups:
+            for work, nw, full in g.launches():
+                _dot_kernel[(nw,)](
+                    g.table, work, partials, partials.shape[1], row_xx, row_yy, row_xy,
+                    X_DT=_mta.tl_dtype(g.dtypes[0]), Y_DT=_mta.tl_dtype(g.dtypes[1]),
+                    HAS_Y=has_y, DO_XX=do_xx, DO_YY=do_yy, DO_XY=do_xy, FULL=full, ALIGNED=g.aligned,
+                    BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)
+    return partials, first
 
 
 def multi_dot(lists: Sequence[Sequence[torch.Tensor]], pairs, per_tensor: bool = False) -> torch.Tensor:
@@ -98,39 +132,31 @@ def multi_dot(lists: Sequence[Sequence[torch.Tensor]], pairs, per_tensor: bool =
     for lst in lists:
         if len(lst) != n:
             raise ValueError("multi_dot: all tensor lists must have the same length")
-    pairs = [tuple(p) for p in pairs]
+    pairs = tuple([tuple(p) for p in pairs])
     device = lists[0][0].device if n else torch.device("cpu")
     if n == 0 or not pairs:
         out = torch.zeros(len(pairs), n, dtype=torch.float32, device=device)
         return out if per_tensor else out.sum(dim=1)
-    keys, sched = _launches(pairs)
-    cfg = _mta.CONFIG
-    partials = None
-    for x, y, job in sched:
-        prep = _mta.Prepared([lists[x], None if y is None else lists[y]])
-        p = prep.plan()
-        if partials is None:
-            partials = torch.empty(len(keys), max(p.n_cols, 1), dtype=torch.float32, device=device)
-            seg, total, n_cols = p.seg, p.total, p.n_cols
-        rows = {name: keys.index(k) for name, k in job.items()}
-        for g in p.groups:
-            for work, nw, full in g.launches():
-                _dot_kernel[(nw,)](
-                    g.table, work, partials, partials.shape[1],
-                    rows.get("xx", 0), rows.get("yy", 0), rows.get("xy", 0),
-                    X_DT=_mta.tl_dtype(g.dtypes[0]), Y_DT=_mta.tl_dtype(g.dtypes[1]),
-                    HAS_Y=y is not None, DO_XX="xx" in rows, DO_YY="yy" in rows,
-                    DO_XY="xy" in rows, FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters,
-                    num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)
-    if n_cols == 0:
-        res = torch.zeros(len(keys), n if per_tensor else 1, dtype=torch.float32, device=device)
+    n_keys, jobs, idx = _launches(pairs)
+    partials, p = _partials(lists, jobs, n_keys)
+    if p.n_cols == 0:
+        res = torch.zeros(n_keys, n if per_tensor else 1, dtype=torch.float32, device=device)
     elif per_tensor:
-        res = _mta.segsum(partials, seg, n)
+        res = _mta.segsum(partials, p.seg, n)
     else:
-        res = _mta.segsum(partials, total, 1)
-    idx = [keys.index((min(i, j), max(i, j))) for i, j in pairs]
-    if idx == list(range(len(keys))):
-        out = res
-    else:
-        out = res[torch.tensor(idx, device=device)]
+        res = _mta.segsum(partials, p.total, 1)
+    out = res if idx is None else res[torch.tensor(idx, device=device)]
     return out if per_tensor else out.reshape(len(pairs))
+
+
+def sq_norm_into(lst: Sequence[torch.Tensor], dst: torch.Tensor) -> None:
+    """dst += ||lst||^2 (dst: a float32 tensor of one element, contiguous): one pass, the
+    sum added in place by the second pass (no allocation)."""
+    if not len(lst):
+        return
+    _, jobs, _ = _launches(((0, 0),))
+    partials, p = _partials([lst], jobs, 1)
+    if p.n_cols:
+        cfg = _mta.CONFIG
+        _mta.segsum_kernel[(1, 1)](partials, dst, p.total, partials.shape[1], 1, ACC=True,
+                                   BLOCK=cfg.seg_block, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)

@@ -3,8 +3,9 @@
 torch._amp_foreach_non_finite_check_and_unscale_. Returns a 0-d float32 flag (1.0 if any
 element is not finite). Per-program flags + a second pass: no atomics, no host sync.
 
-sq_norms=True (emulated, not fused): after the check, one multi_dot pass per list over the
-stored values gives each list's squared norm; returns [flag, norm_0, ...] (float32).
+sq_norms=True returns [flag, norm_0, ...] (float32): for one list the check kernel also
+writes per-program partial sums of squares of the stored values (no second read pass);
+for several lists, one multi_dot pass per list after the check.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from . import _mta
 
 
 @triton.jit
-def _nonfinite_kernel(table, work, flags, inv_ptr, X_DT: tl.constexpr, UNSCALE: tl.constexpr,
-                      FULL: tl.constexpr, ALIGNED: tl.constexpr,
+def _nonfinite_kernel(table, work, flags, sq_parts, inv_ptr, X_DT: tl.constexpr, UNSCALE: tl.constexpr,
+                      SQ: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     r = tl.load(work + 3 * pid)
@@ -31,6 +32,7 @@ def _nonfinite_kernel(table, work, flags, inv_ptr, X_DT: tl.constexpr, UNSCALE: 
     if UNSCALE:
         inv = tl.load(inv_ptr).to(tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
     start = c * (BLOCK * ITERS)
     if FULL:  # whole chunk in range: a mask the compiler can vectorize
         lim = start + BLOCK * ITERS
@@ -47,11 +49,17 @@ def _nonfinite_kernel(table, work, flags, inv_ptr, X_DT: tl.constexpr, UNSCALE: 
         # |x| <= FLT_MAX is false exactly for NaN and +-Inf. Masked lanes hold 0.
         ok = tl.abs(xf) <= 3.4028234663852886e38
         bad = tl.maximum(bad, tl.where(ok, 0.0, 1.0))
+        if SQ:  # as multi_dot's <x, x> partials (same order of operations)
+            acc += xf * xf
     tl.store(flags + col, tl.max(bad, axis=0))
+    if SQ:
+        tl.store(sq_parts + col, tl.sum(acc, axis=0))
 
 
 def nonfinite_(lists, inv_scale=None, sq_norms=False) -> torch.Tensor:
-    flag = _nonfinite_flag(lists, inv_scale)
+    if sq_norms and len(lists) == 1:
+        return _nonfinite(lists[0], inv_scale, True)
+    flag = _nonfinite(lists[0] if len(lists) == 1 else [t for lst in lists for t in lst], inv_scale, False)
     if not sq_norms:
         return flag
     from .multi_dot import multi_dot
@@ -62,17 +70,18 @@ def nonfinite_(lists, inv_scale=None, sq_norms=False) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _nonfinite_flag(lists, inv_scale=None) -> torch.Tensor:
-    # one list is taken as it is (a PlanList keeps its checked column)
-    flat = lists[0] if len(lists) == 1 else [t for lst in lists for t in lst]
-    device = flat[0].device if flat else torch.device("cpu")
-    out = torch.zeros((), dtype=torch.float32, device=device)
+def _nonfinite(flat, inv_scale, sq: bool) -> torch.Tensor:
+    """The check of one list (a PlanList keeps its checked column): a 0-d flag, or with
+    `sq` [flag, sum of squares] (float32 [2]) from the same pass."""
+    shape = 2 if sq else ()
     if not flat:
-        return out
+        return torch.zeros(shape, dtype=torch.float32)
+    device = flat[0].device
     prep = _mta.Prepared([flat], writes=(0,) if inv_scale is not None else ())
     p = prep.plan()
     if p.n_cols == 0:
-        return out
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    out = torch.empty(shape, dtype=torch.float32, device=device)  # both entries written below
     unscale = inv_scale is not None
     if unscale:
         if inv_scale.device != device:
@@ -80,14 +89,18 @@ def _nonfinite_flag(lists, inv_scale=None) -> torch.Tensor:
         inv_ptr = inv_scale.reshape(-1)
     else:
         inv_ptr = p.seg
-    flags = torch.empty(p.n_cols, dtype=torch.float32, device=device)
+    parts = p.scratch(2)  # [flags, partial sums of squares], owned by the plan
+    flags, sq_parts = parts[0], parts[1]
     cfg = _mta.CONFIG
     for g in p.groups:
         for work, nw, full in g.launches():
             _nonfinite_kernel[(nw,)](
-                g.table, work, flags, inv_ptr,
-                X_DT=_mta.tl_dtype(g.dtypes[0]), UNSCALE=unscale,
+                g.table, work, flags, sq_parts, inv_ptr,
+                X_DT=_mta.tl_dtype(g.dtypes[0]), UNSCALE=unscale, SQ=sq,
                 FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)
     prep.finish()
     _mta.segmax_kernel[(1,)](flags, out, p.n_cols, BLOCK=cfg.seg_block, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)
+    if sq:
+        _mta.segsum_kernel[(1, 1)](sq_parts, out[1:], p.total, p.n_cols, 1, ACC=False, BLOCK=cfg.seg_block,
+                                   num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)
     return out

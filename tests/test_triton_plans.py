@@ -24,7 +24,7 @@ def randn(sizes, dtype, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, generator=g) * scale).to(dtype).to(DEVICE) for n in sizes]
 from lookahead_ext.ops import reference as R
-from lookahead_ext.ops.plan_lists import PlanList, new_epoch
+from lookahead_ext.ops.plan_lists import PlanList, new_epoch, new_step, reuse
 
 pytestmark = requires_triton
 
@@ -224,6 +224,100 @@ def test_planlist_resized_then_new_epoch_is_seen():
     assert torch.equal(full[5:], tail), "elements past the new size were written: stale table"
 
 
+def test_planlists_are_rechecked_not_read_at_a_new_step(monkeypatch):
+    """A new step (the engine's, every step) re-checks addresses and versions only: an
+    unchanged list keeps its column."""
+    out, base, d = _planned()
+    new_epoch()
+    T().perturb_(out, base, d, 0.5)
+    reads = ColumnReads(monkeypatch)
+    new_step()  # a list's first use reads no versions (a gradient list is used once) ...
+    T().perturb_(out, base, d, 0.5)
+    assert reads.n == 3  # ... its second full read records them
+    reads.n = 0
+    for _ in range(3):
+        new_step()
+        T().perturb_(out, base, d, 0.5)
+    assert reads.n == 0
+    out[0].data = out[0].data.clone()
+    new_step()
+    T().perturb_(out, base, d, 0.5)
+    assert reads.n == 1  # only the changed list is read again
+
+
+def _repoint(t):  # new storage with other values (perturb_ does not read out: a stale
+    t.data = torch.zeros_like(t.data)  # table leaves the new storage as it was)
+
+
+def _resize(t):
+    with torch.no_grad():
+        t.resize_(4)
+
+
+def _transpose(t):  # in place: same address, dtype and size, no longer contiguous
+    with torch.no_grad():
+        t.t_()
+
+
+def _set(t):
+    with torch.no_grad():
+        t.set_(torch.zeros_like(t))
+
+
+def _swap(t):
+    torch.utils.swap_tensors(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("change", [_repoint, _resize, _transpose, _set, _swap], ids=lambda f: f.__name__[1:])
+def test_planlist_changed_then_new_step_is_seen(change):
+    """Between steps (new_step, no new epoch) a tensor of a kept PlanList re-pointed, resized,
+    transposed, set_ or swapped: its address or its version counter moves, and the next
+    call reads the list again (a stale table would write the old storage or extent)."""
+    sizes = [7, (40, 30), 33]
+    mk = lambda seed: PlanList([torch.randn(n if isinstance(n, int) else n, generator=torch.Generator().manual_seed(seed + i)).to(DEVICE)  # noqa: E731
+                                for i, n in enumerate(sizes)])
+    out, base, d = mk(0), mk(10), mk(20)
+    for _ in range(2):  # read in full twice: the versions are recorded
+        new_step()
+        T().perturb_(out, base, d, 0.5)
+    old = out[1].data
+    snapshot = old.clone()
+    change(out[1])
+    if out[1].shape != base[1].shape:  # the inputs follow the new shape
+        base[1] = torch.randn(out[1].shape, device=DEVICE)
+        d[1] = torch.randn(out[1].shape, device=DEVICE)
+    new_step()
+    got, want = perturb_both(out, base, d)
+    assert_same(got, want, "out")
+    if old.data_ptr() != out[1].data_ptr():
+        assert torch.equal(old, snapshot), "the old storage was written: stale table"
+    else:  # same storage: nothing past the new extent is written
+        tail = old.reshape(-1)[out[1].numel():]
+        assert torch.equal(tail, snapshot.reshape(-1)[out[1].numel():]), "stale extent"
+
+
+def test_same_address_view_needs_a_new_epoch():
+    """`.data =` a view that starts at the same element keeps the address and the version:
+    a new step does not see it (documented); a new epoch does."""
+    out, base, d = _planned()
+    T().perturb_(out, base, d, 0.5)
+    full = out[1].data
+    out[1].data = full[:5]
+    base[1], d[1] = base[1][:5].clone(), d[1][:5].clone()
+    new_epoch()
+    got, want = perturb_both(out, base, d)
+    assert_same(got, want, "out")
+
+
+def test_reuse_keeps_the_list_only_for_the_same_tensors():
+    a, b = randn([3, 4], torch.float32, 0), randn([3, 4], torch.float32, 1)
+    kept = PlanList(a)
+    assert reuse(kept, list(a)) is kept
+    assert reuse(kept, [a[0], b[1]]) is not kept  # a state tensor replaced
+    assert reuse(kept, a[:1]) is not kept
+    assert reuse(list(a), a) is not a and type(reuse(None, a)) is PlanList
+
+
 @pytest.mark.parametrize("mutate", ["setitem", "append", "extend", "iadd", "insert", "pop", "delitem",
                                     "reverse", "slice"])
 def test_planlist_mutation_forgets_the_column(mutate):
@@ -324,7 +418,8 @@ def test_engine_changes_between_steps_match_the_reference(change):
             st = opt.state[p]["v"]
             st.data = st.data.clone()
         elif change == "replace_state" and s == 0:
-            opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone()
+            new = opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone() * 0.5
+            placed.append((new, new.clone()))
         elif change == "requires_grad":
             model[2].bias.requires_grad_(s % 2 == 1)
         elif change == "add_group" and s == 0:
@@ -338,13 +433,40 @@ def test_engine_changes_between_steps_match_the_reference(change):
     for backend in ("triton", "reference"):
         model = _model().to(dtype)
         opt = CMLR(model.parameters(), lr=0.1, momentum=0.9, k=2, backend=backend)
+        placed = []
         _run(opt, model, 4, between)
         results.append([p.detach().clone() for p in model.parameters()])
+        for new, at_placing in placed:  # the replacing tensor is the one the steps update
+            assert opt.state[model[0].weight]["momentum_buffer"] is new
+            assert not torch.equal(new, at_placing), "the replaced state tensor is still updated"
     for a, b in zip(*results):
         if dtype == torch.float32:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         else:  # bf16 params = cast(fp32 masters): at most one bf16 rounding step apart
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_engine_deepcopy_mid_training_matches_the_reference():
+    """A deep copy of (model, optimizer) taken between steps holds new tensors at new
+    addresses: its kept lists must not use the original's tables. The copy continues, the
+    original is stepped too, and both must follow the reference."""
+    from lookahead_ext.optim import CMLR
+
+    def run(backend, steps_before, steps_after, use_copy):
+        model = _model()
+        opt = CMLR(model.parameters(), lr=0.1, momentum=0.9, k=2, backend=backend)
+        _run(opt, model, steps_before)
+        if use_copy:
+            model2, opt2 = copy.deepcopy((model, opt))
+            _run(opt, model, 1)  # the original moves on: a stale table would write it
+            model = model2
+            opt = opt2
+        _run(opt, model, steps_after)
+        return [p.detach().clone() for p in model.parameters()]
+    got = run("triton", 2, 3, True)
+    want = run("reference", 2, 3, False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_host_overhead_bench_runs():

@@ -10,8 +10,9 @@ float64 is not supported (`supports` says False, so backend="auto" uses the refe
 a call that still receives float64 tensors (e.g. mixed lists) is delegated to the
 reference implementation, which is exact for it.
 
-combine_step_'s v_sq_out and nonfinite_'s sq_norms are emulated with the multi_dot kernel
-(one extra read pass, deterministic); write_masters=False is in the combine kernel.
+nonfinite_'s sq_norms (one list) is computed by the check kernel itself; combine_step_'s
+v_sq_out (and sq_norms over several lists) by the multi_dot kernel, one extra read pass
+(deterministic); write_masters=False is in the combine kernel.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..ops.plan_lists import PlanList
+from ..ops.plan_lists import PlanList, reuse
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -42,6 +42,14 @@ class Bucket:
     # are new and join the state only with the first applied step (a skipped one leaves it as it was)
     versions: list | None = None
     pending: bool = False
+    # per-step lists of the optimizer's state (v, momentum...), kept while they hold the
+    # same tensors so that their launch-plan columns persist (see `kept`)
+    lists: dict = field(default_factory=dict)
+
+    def kept(self, name: str, tensors: list) -> list[Tensor]:
+        """``tensors`` as the PlanList kept under ``name`` (plan_lists.reuse)."""
+        lst = self.lists[name] = reuse(self.lists.get(name), tensors)
+        return lst
 
     @property
     def kind(self) -> tuple:

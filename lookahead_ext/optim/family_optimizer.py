@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from ..ops.base_step import ADAMW, SGD
-from ..ops.plan_lists import PlanList
 from ._buckets import state_dtype
 from ._grad_mode import no_grad as _no_grad
 from .runtime import ProbeRuntime
@@ -244,7 +243,7 @@ class ProbeOptimizer(ProbeRuntime):
                 vdir = self._dense(buckets, probes["g0"])
                 inv_v = self._probe_inv("g0")  # from g0's fused check (zero-filled grads add 0)
             else:
-                vdir = [PlanList([self._v(p) for p in b.params]) for b in buckets]
+                vdir = [b.kept("v", [self._v(p) for p in b.params]) for b in buckets]
                 inv_v = self._norm_inv(self._v_norm_sq(vdir))
         # SAM-type steps (d = g+ exactly, no momentum): g0 only gives the direction. Keep
         # which parameters had a gradient and free its tensors before g+'s backward.
@@ -331,7 +330,7 @@ class ProbeOptimizer(ProbeRuntime):
                 grads = tuple(None if c == 0.0 else gr for gr, c in zip(grads, coefs))
             v = v_coefs = None
             if carried:
-                v = PlanList([self._v(p) for p in b.params])
+                v = b.kept("v", [self._v(p) for p in b.params])
                 written_v.extend(v)
                 if isinstance(need_v_init, Tensor):  # the device chooses (vdir is g0 or v)
                     torch._foreach_copy_(v, [torch.where(need_v_init, d, x)

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from ..ops.base_step import ADAMW, BaseStep
 from ..ops.helpers import aliasing_errors, trust_engine_calls
-from ..ops.plan_lists import PlanList, new_epoch
+from ..ops.plan_lists import PlanList, new_epoch, new_step
 from ._buckets import Bucket, make_buckets, param_signature, trainable
 from ._grad_mode import no_grad as _no_grad
 from ._slow import SlowWeightsMixin, init_slow, join_slow
@@ -388,11 +388,14 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         """This step's buckets, rebuilt only when the parameters changed (param_signature):
         building them costs more than the fused ops on small models; load_state_dict drops
         the plan."""
-        new_epoch()  # anything may have been re-pointed since the last step: re-check plan lists
+        # anything may have been re-pointed since the last step: plan lists re-check their
+        # tensors' addresses and versions (new_step), or everything on a new plan (new_epoch)
+        new_step()
         groups = self.param_groups
         sig = param_signature(groups)
         plan = self._plan
         if plan is None or plan[0] != sig:
+            new_epoch()
             # the step's op calls skip the per-call aliasing check (trust_engine_calls): what
             # they write is these parameters or the optimizer's own buffers
             aliasing_errors(f"{type(self).__name__}.step", (("params", trainable(groups)),))
@@ -764,8 +767,10 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             sgrads = tuple(sel(x) for x in grads)
             if self._dirs is not None:
                 self._record_direction(params, sgrads, coefs)
-            base_step_(params, sel(b.masters), sgrads, coefs, base,
-                       state_buffers(params, pstates, base.state_names()), sel(v), v_coefs,
+            bufs = state_buffers(params, pstates, base.state_names())
+            if idx is None:  # the whole bucket: its kept lists (launch-plan columns persist)
+                bufs = {name: b.kept(name, lst) for name, lst in bufs.items()}
+            base_step_(params, sel(b.masters), sgrads, coefs, base, bufs, sel(v), v_coefs,
                        v_sq_out=None if split_sq else v_sq_out, write_masters=b.low_precision,
                        backend=backend)
             advance_steps(pstates, base)
