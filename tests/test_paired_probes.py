@@ -138,6 +138,46 @@ def test_max_grad_norm_and_init_carry():
     assert par[1].last_grad_norm == pytest.approx(seq[1].last_grad_norm, rel=1e-5)
 
 
+def test_bf16_parameters_with_fp32_masters():
+    """bf16 parameters: both lanes are cast from the fp32 masters as the runtime's probes are;
+    the gradients are bf16, so the tolerance is bf16's: rtol 2e-2, atol 2e-3 (2 ulp at 0.1)."""
+    seq, par = _pair_of(la.CMLR, dict(rho=0.05, lam=0.1, k=3), "sgd", "native",
+                        model=_model().to(torch.bfloat16))
+    x, y = (t.to(torch.bfloat16) for t in _batch())
+    for _ in range(4):
+        seq[1].step(PairedClosure(seq[0], LOSS, x, y).sequential)
+        par[1].step(PairedClosure(par[0], LOSS, x, y))
+    for p, q in zip(seq[0].parameters(), par[0].parameters()):
+        assert q.dtype == torch.bfloat16
+        torch.testing.assert_close(q, p, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(par[1].state[q]["master"], seq[1].state[p]["master"],
+                                   rtol=2e-2, atol=2e-3)
+
+
+class _Keywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, *, features):
+        return {"out": self.net(features)}
+
+
+def test_mapping_inputs_and_the_ordinary_paths():
+    """model(**inputs) with a dict batch; the probes() path and a Probe kept after the loop
+    (no reference to the step's direction) are unaffected."""
+    seq, par = _pair_of(la.CR, dict(rho=0.05, lam=0.1), model=_Keywords())
+    x, y = _batch()
+    loss_fn = lambda out, target: LOSS(out["out"], target)  # noqa: E731
+    for _ in range(3):
+        seq[1].step(PairedClosure(seq[0], loss_fn, {"features": x}, y).sequential)
+        par[1].step(PairedClosure(par[0], loss_fn, {"features": x}, y))
+    _assert_same(seq, par)
+    for probe in seq[1].probes():
+        LOSS(seq[0](features=x)["out"], y).backward()
+    assert probe.name == "g-" and probe._point is None
+
+
 def test_probe_points_are_sequential_modes_bit_for_bit():
     """loss = ||w||^2 / 2 has gradient w: each lane's gradient is its probe point. The g- lane
     must be, bit for bit, the point the runtime's g- probe sets (and g+'s its g+ point)."""

@@ -445,6 +445,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             trust_engine_calls(False)
             yield probe
             trust_engine_calls(True)
+        probe._point = None  # a Probe kept by the caller must not keep the direction alive
         self._engine["evals"] += 1
         if self._probe_post_hooks:
             self._run_probe_hooks(probe, [p for b in buckets for p in b.params], False)
