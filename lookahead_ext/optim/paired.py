@@ -142,9 +142,9 @@ class PairedClosure:
             raise ValueError(
                 f"{name} does not take paired probes: they evaluate g+ = grad L(w + rho v_hat) "
                 f"and g- = grad L(w - rho v_hat) in one pass, and {name}'s step has no such "
-                "pair (SAM, FR, LR, FMLR, MLSAM, LookbehindSAM and GSAM probe at most one "
-                "perturbed point that does not depend on an earlier probe). Paired probes: CR, "
-                "CMLR, CLR, CRSAM. Use an ordinary closure, e.g. opt.step(closure.sequential).")
+                "pair (SAM, FR, LR, FMLR, MLSAM, LookbehindSAM and GSAM have no g- probe). "
+                "Paired probes: CR, CMLR, CLR, CRSAM. Use an ordinary closure, e.g. "
+                "opt.step(closure.sequential).")
         if optimizer._grad_unscalers:
             raise ValueError(
                 f"{name} has a grad unscaler (a GradScaler through lookahead_ext.amp): paired "
