@@ -74,6 +74,7 @@ bench() {
     tail -25 "$OUT/bench_triton.log"
     "$PY" bench/host_overhead.py --device cuda --out "$OUT" > "$OUT/host_overhead.log" 2>&1; echo "host_overhead rc=$?"
     tail -22 "$OUT/host_overhead.log"
+    "$PY" bench/paired.py --device cuda --out "$OUT" > "$OUT/paired.log" 2>&1; echo "paired rc=$?"; tail -20 "$OUT/paired.log"
     "$PY" -m bench.run_all --device cuda --out "$OUT/suite" > "$OUT/bench_suite.log" 2>&1; echo "bench suite rc=$?"
     tail -30 "$OUT/bench_suite.log"
     echo "bench in $((SECONDS - t0)) s"

@@ -13,11 +13,11 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
 
 from . import ops  # noqa: E402
 from .optim import (CLR, CMLR, CR, CRSAM, FMLR, FR, GSAM, LR, MLSAM, SAM,  # noqa: E402
-                    Lookahead, LookbehindSAM, Probe, ProbeOptimizer)
+                    Lookahead, LookbehindSAM, PairedClosure, Probe, ProbeOptimizer)
 from .bio import LookaheadBio  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .factory import create_optimizer  # noqa: E402
 
 __all__ = ["ops", "CMLR", "FMLR", "MLSAM", "CLR", "LR", "FR", "CR", "SAM", "Lookahead",
-           "LookbehindSAM", "GSAM", "CRSAM",
+           "LookbehindSAM", "GSAM", "CRSAM", "PairedClosure",
            "ProbeOptimizer", "Probe", "LookaheadBio", "create_optimizer", "__version__"]

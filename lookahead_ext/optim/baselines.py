@@ -290,6 +290,7 @@ class CRSAM(ProbeOptimizer):
 
     direction, scheme, lookahead = "grad", "central_base", False
     _hyper_rules = CRSAM_RULES
+    paired_probes = True  # g+ then g- with one direction: optim/paired.py may batch them
 
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.1, gamma: float = 0.1,
                  beta: float = 0.01, **kw):

@@ -50,10 +50,10 @@ class Probe:
         name: which gradient it is (``"g0"``, ``"g+"``, ``"g-"``).
     """
 
-    __slots__ = ("index", "name", "loss")
+    __slots__ = ("index", "name", "loss", "_point")
 
     def __init__(self, index: int, name: str):
-        self.index, self.name, self.loss = index, name, None
+        self.index, self.name, self.loss, self._point = index, name, None, None
 
     def __repr__(self) -> str:
         return f"Probe({self.index}, {self.name!r})"
@@ -292,9 +292,13 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         gen = self._update()  # torch's step wrapper runs the step hooks around this call
         self._closure_kind = _closure_package(closure)
         try:
-            for probe in gen:
-                with torch.enable_grad():
-                    probe.loss = closure()
+            drive = getattr(closure, "drive_probes", None)  # paired.PairedClosure runs the loop
+            if drive is not None:
+                drive(self, gen)
+            else:
+                for probe in gen:
+                    with torch.enable_grad():
+                        probe.loss = closure()
         finally:
             gen.close()
             self._closure_kind = None
@@ -532,6 +536,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             for dl in direction:
                 dl.clear()
         probe = Probe(index, name)
+        probe._point = (buckets, direction, sign, inv_vnorm)  # paired.py mirrors g+ to g-
         if self._probe_pre_hooks:
             self._run_probe_pre_hooks(probe)
         if self._probe_hooks_always_called:
@@ -548,6 +553,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             trust_engine_calls(False)
             yield probe
             trust_engine_calls(True)
+        probe._point = None  # a Probe kept by the caller must not keep the direction alive
         self._engine["evals"] += 1
         if self._probe_post_hooks:
             self._run_probe_hooks(probe, [p for b in buckets for p in b.params], False)
