@@ -3,11 +3,13 @@ groups and lookahead_ prefix, and the closure change in a loop shaped like train
 import contextlib
 import functools
 import logging
+import math
 
 import pytest
 import torch
 
 import lookahead_ext as la
+import lookahead_ext.amp
 from lookahead_ext.factory import PROBE, param_groups_weight_decay, register_timm
 
 
@@ -48,9 +50,16 @@ def vit(timm, seed=0):
 
 
 def batches(n, seed=1, size=8):
+    """Images whose class is the signs of their first two channel means (learnable)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 4, (size,), generator=g))
-            for _ in range(n)]
+    xs = [torch.randn(size, 3, 32, 32, generator=g) + 0.2 * torch.randn(size, 3, 1, 1, generator=g)
+          for _ in range(n)]
+    return [(x, (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()) for x in xs]
+
+
+def clean_loss(model, data):
+    with torch.no_grad():
+        return sum(torch.nn.functional.cross_entropy(model.eval()(x), y).item() for x, y in data)
 
 
 def step(model, opt, x, y):
@@ -112,10 +121,10 @@ def test_no_decay_groups_equal_timms(timm, arch):
     from timm.optim import param_groups_weight_decay as timm_groups
 
     model = timm.create_model(arch, num_classes=4)
-    want = timm_groups(model, 0.05, no_weight_decay_list=model.no_weight_decay())
+    want = timm_groups(model, 0.05, no_weight_decay_list=getattr(model, "no_weight_decay", set)())
     assert group_view(model, param_groups_weight_decay(model, 0.05)) == group_view(model, want)
     frozen = next(model.parameters()).requires_grad_(False)
-    want = timm_groups(model, 0.05, no_weight_decay_list=model.no_weight_decay())
+    want = timm_groups(model, 0.05, no_weight_decay_list=getattr(model, "no_weight_decay", set)())
     got = la.create_optimizer(model, "sam", weight_decay=0.05).param_groups
     assert group_view(model, got) == group_view(model, want)
     assert all(frozen is not p for g in got for p in g["params"])
@@ -246,35 +255,42 @@ def test_train_py_with_the_closure_trains(timm):
     np.random.seed(0)  # timm's Mixup draws from numpy
     model, opt, sched, mixup, loss_fn, ema = timm_setup(timm, k=3)
     data = batches(4)
-    seen, epoch_loss = [], []
+    seen, before = [], clean_loss(model, data)
     for epoch in range(3):
-        epoch_loss.append(train_one_epoch(epoch, model, data, opt, loss_fn, sched,
-                                          model_ema=ema, mixup_fn=mixup, lrs=seen))
+        train_one_epoch(epoch, model, [(x.clone(), y) for x, y in data], opt, loss_fn, sched,
+                        model_ema=ema, mixup_fn=mixup, lrs=seen)
         fast = [p.detach().clone() for p in model.parameters()]
         with opt.slow_weights():  # 4 updates, k=3: only timm's sync_lookahead makes fast == slow
             assert all(torch.equal(a, b) for a, b in zip(fast, model.parameters()))
     assert len(seen) == opt.num_evals and {u for u, _ in seen} == set(range(12))
     for u, lrs in seen:
         assert lrs == pytest.approx(sched._get_lr(u), rel=1e-12)
-    assert seen[0][1][0] == 0.005 and max(lr for _, lrs in seen for lr in lrs) > 0.04
-    assert epoch_loss[-1] < epoch_loss[0]
+    assert seen[0][1][0] == 0.005 and max(lr for _, lrs in seen for lr in lrs) > 0.03
+    assert clean_loss(model, data) < 0.95 * before
     assert not any(torch.equal(a, b) for a, b in zip(ema.module.parameters(), model.parameters()))
 
 
 def test_train_py_fp16_loss_scaler(timm):
-    """timm's NativeScaler through the documented branch: fp16 autocast on CPU with a
-    power-of-two scale steps exactly as the unscaled loop; an overflowing scale skips the
-    step (weights unchanged) and backs off."""
+    """timm's NativeScaler through the documented branch: fp16 autocast on CPU under timm's
+    GradScaler steps as the unscaled loop does; an overflowing scale skips the step (weights
+    unchanged) and backs off."""
     from timm.utils import NativeScaler
 
     fp16 = functools.partial(torch.autocast, "cpu", dtype=torch.float16)
     runs = []
-    for scaler in (None, NativeScaler(device="cpu")):
+    scaled = NativeScaler(device="cpu")
+    scaled._scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # 2**16 overflows at once
+    for scaler in (None, scaled):
         model, opt, sched, mixup, loss_fn, ema = timm_setup(timm, "sam")
+        start = [p.detach().clone() for p in model.parameters()]
         train_one_epoch(0, model, batches(2), opt, torch.nn.CrossEntropyLoss(),
                         amp_autocast=fp16, loss_scaler=scaler)
-        runs.append(model)
-    assert same(*runs)
+        runs.append([p.detach() for p in model.parameters()])
+    assert opt.num_skipped == 0 and math.log2(scaler._scaler.get_scale()).is_integer()
+    # the scale is exact in fp16; the unscaled run loses its smallest gradients to fp16's
+    # subnormals, so the two agree to well within a percent of how far each tensor moved
+    for a, b, s in zip(*runs, start):
+        assert (a - b).abs().max() <= 0.01 * (b - s).abs().max()
     model, opt, sched, mixup, loss_fn, ema = timm_setup(timm, "sam")
     before = [p.detach().clone() for p in model.parameters()]
     scaler = NativeScaler(device="cpu")
