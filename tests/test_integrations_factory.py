@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lookahead_ext as la
+import lookahead_ext.amp
 from lookahead_ext.factory import PROBE, TORCH, optimizer_names
 
 
@@ -76,3 +77,19 @@ def test_bad_names_refused():
         la.create_optimizer(model(), "lamb")
     with pytest.raises(ValueError, match="CMLR already runs a lookahead cycle"):
         la.create_optimizer(model(), "lookahead_cmlr")
+
+
+def test_lookahead_prefix_under_a_grad_scaler():
+    """la.amp.step drives "lookahead_sam" (lookahead_ext's Lookahead has probes()) and returns
+    the first probe's loss (it read a last_loss the Lookahead does not have)."""
+    m = model()
+    opt = la.create_optimizer(m, "lookahead_sam", lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure():
+        loss = F.mse_loss(m(x), y)
+        scaler.scale(loss).backward()
+        return loss
+    want = F.mse_loss(m(x), y)
+    assert torch.equal(la.amp.step(opt, scaler, closure), want) and opt.optimizer.num_steps == 1

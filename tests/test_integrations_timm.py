@@ -173,6 +173,27 @@ def test_timm_lookahead_prefix_around_a_cycle_member_is_two_cycles(timm):
         la.create_optimizer(vit(timm), "lookahead_cmlr")
 
 
+def test_timm_lookahead_prefix_under_a_grad_scaler_is_refused_clearly(timm):
+    """fp16 needs the call-by-call probes(), which timm's Lookahead lacks: the error names the
+    way out (lookahead_ext's own lookahead_ prefix), which works."""
+    register_timm()
+    m = vit(timm)
+    opt = timm.optim.create_optimizer_v2(m, "lookahead_sam", lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = batches(1)[0]
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+        scaler.scale(loss).backward()
+        return loss
+    with pytest.raises(TypeError, match="timm's Lookahead .* lookahead_ext.create_optimizer"):
+        la.amp.step(opt, scaler, closure)
+    opt = la.create_optimizer(m, "lookahead_sam", lr=0.05, lookahead_k=6)
+    la.amp.step(opt, scaler, closure)
+    assert opt.optimizer.num_steps == 1
+
+
 # --- timm's train.py ---------------------------------------------------------------------
 
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, lr_scheduler=None,
