@@ -114,6 +114,21 @@ def test_create_optimizer_v2_equals_create_optimizer(timm, name):
     assert same(m1, m2)
 
 
+def test_clip_grad_goes_to_max_grad_norm(timm):
+    """train.py's --clip-grad as the optimizer's own max_grad_norm, through timm's factory:
+    the same step as lookahead_ext's with that option, not the unclipped one."""
+    register_timm()
+    models = [vit(timm) for _ in range(3)]
+    opts = [timm.optim.create_optimizer_v2(models[0], "cmlr", lr=0.05, max_grad_norm=0.01, k=2)]
+    opts += [la.create_optimizer(m, "cmlr", lr=0.05, momentum=0.9, weight_decay=0.0, k=2, **kw)
+             for m, kw in zip(models[1:], ({"max_grad_norm": 0.01}, {}))]
+    for x, y in batches(2):
+        for m, opt in zip(models, opts):
+            step(m, opt, x, y)
+    assert opts[0].last_grad_norm > 0.01  # it clipped
+    assert same(models[0], models[1]) and not same(models[0], models[2])
+
+
 @pytest.mark.parametrize("arch", ["test_vit", "test_resnet", "xcit_nano_12_p16_224"])
 def test_no_decay_groups_equal_timms(timm, arch):
     """timm's param_groups_weight_decay (as create_optimizer_v2 calls it: the model's
