@@ -133,6 +133,36 @@ def test_clip_grad_goes_to_max_grad_norm(timm):
     assert same(models[0], models[1]) and not same(models[0], models[2])
 
 
+def test_train_py_optimizer_arguments(timm):
+    """train.py's own call (optimizer_kwargs of its argparse namespace: --opt-eps, --opt-betas,
+    --layer-decay, --opt-kwargs) builds a CMLR whose layer-decay groups get timm's per-group
+    lr (scheduler lr x lr_scale) and step."""
+    import argparse
+
+    from timm.optim import optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2
+
+    register_timm()
+    args = argparse.Namespace(opt="cmlr", lr=0.05, weight_decay=0.05, momentum=0.9,
+                              opt_eps=1e-6, opt_betas=[0.8, 0.99], layer_decay=0.5,
+                              opt_args={"k": 2, "base": "adamw"})
+    model = vit(timm)
+    opt = timm.optim.create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    assert type(opt) is la.CMLR and len(opt.param_groups) > 4
+    assert opt.defaults["eps"] == 1e-6 and opt.defaults["betas"] == (0.8, 0.99)
+    sched, _ = create_scheduler_v2(opt, "cosine", num_epochs=2, step_on_epochs=False,
+                                   updates_per_epoch=2)
+    seen = {}
+    for u, (x, y) in enumerate(batches(2)):
+        seen[u] = [(g["lr"], g["lr_scale"]) for g in opt.param_groups]
+        step(model, opt, x, y)
+        sched.step_update(num_updates=u + 1)
+    for u, groups in seen.items():
+        want = sched._get_lr(u)[0]
+        assert all(lr == pytest.approx(want * scale, rel=1e-12) for lr, scale in groups)
+    assert min(scale for _, scale in seen[0]) < 0.1 and opt.num_steps == 2
+
+
 @pytest.mark.parametrize("arch", ["test_vit", "test_resnet", "xcit_nano_12_p16_224"])
 def test_no_decay_groups_equal_timms(timm, arch):
     """timm's param_groups_weight_decay (as create_optimizer_v2 calls it: the model's
