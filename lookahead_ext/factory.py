@@ -29,7 +29,7 @@ def optimizer_names(lookahead: bool = True) -> list[str]:
 def param_groups_weight_decay(model: nn.Module, weight_decay: float, no_weight_decay=()) -> list[dict]:
     """timm's rule: no weight decay for 1-d parameters (biases, norm weights), names ending
     in ".bias", and names matching a pattern of ``no_weight_decay`` or
-    ``model.no_weight_decay()`` (shell-style wildcards, as timm >= 1.0 reads them: xcit's
+    ``model.no_weight_decay()`` (shell-style wildcards, as timm 1.0.31 reads them: xcit's
     ``"pos_embed.*"``); frozen parameters are left out. Returns [no-decay group, decay
     group] (empty ones dropped)."""
     skip = set(no_weight_decay) | set(getattr(model, "no_weight_decay", lambda: ())())
