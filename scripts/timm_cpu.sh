@@ -12,8 +12,9 @@
 # TORCHVISION_SRC (a source folder or a .tar.gz) if set, else Debian's source package of the
 # same version (the upstream tarball, checked against its SHA-256; fetched with apt-get from the
 # Debian mirror this machine already uses), else a git clone of the release tag.
-# Time: the torchvision build is the cost (docs/training.md, timm: about 75 min on 2 loaded
-# cores with MAX_JOBS=1; set MAX_JOBS to use more); a second run reuses the venv and the build.
+# Time: the torchvision build is the cost (docs/training.md, timm): its C++ ops took 54 min on
+# 2 loaded cores with MAX_JOBS=1 (set MAX_JOBS to use more), then its image extension builds
+# (not timed here); a second run reuses the venv and the build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-/tmp/lookahead-timm-venv}"
