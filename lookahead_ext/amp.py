@@ -84,14 +84,24 @@ def _param_device(optimizer):
     return torch.device("cpu")
 
 
+def _core(optimizer):
+    """The probe optimizer itself, or the one a Lookahead wraps."""
+    while not hasattr(optimizer, "register_grad_unscaler") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def probes(optimizer, scaler) -> Iterator:
     """Call-by-call API under a GradScaler: like ``optimizer.probes()``; in each iteration
     compute the loss, call ``scaler.scale(loss).backward()`` and set ``probe.loss = loss``.
     Call ``scaler.update()`` after the loop. Breaking out early abandons the step (the
     weights are restored) and records nothing in the scaler."""
-    core = optimizer  # the probe optimizer itself, or the one a Lookahead wraps
-    while not hasattr(core, "register_grad_unscaler") and hasattr(core, "optimizer"):
-        core = core.optimizer
+    core = _core(optimizer)
+    if hasattr(getattr(optimizer, "_base_optimizer", None), "register_grad_unscaler"):
+        raise TypeError("lookahead_ext.amp.probes: timm's Lookahead (the lookahead_ prefix of "
+                        "timm's create_optimizer_v2) has no probes(); build the optimizer with "
+                        "lookahead_ext.create_optimizer(model, 'lookahead_<name>', lookahead_k=6) "
+                        "instead (lookahead_ext.Lookahead has them)")
     if not (hasattr(core, "register_grad_unscaler") and hasattr(optimizer, "probes")):
         raise TypeError("lookahead_ext.amp.probes needs a probe optimizer (CMLR, SAM, ...) or a "
                         "Lookahead around one; for torch optimizers (and Lookahead around them) "
@@ -132,4 +142,4 @@ def step(optimizer, scaler, closure: Callable):
     for probe in probes(optimizer, scaler):
         with torch.enable_grad():
             probe.loss = closure()
-    return optimizer.last_loss
+    return _core(optimizer).last_loss  # a Lookahead keeps no last_loss of its own

@@ -1,6 +1,8 @@
 """``create_optimizer``: every optimizer of the package (and torch's baselines) by name, timm-style."""
 from __future__ import annotations
 
+import warnings
+from fnmatch import fnmatchcase
 from typing import Optional
 
 import torch
@@ -26,14 +28,17 @@ def optimizer_names(lookahead: bool = True) -> list[str]:
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float, no_weight_decay=()) -> list[dict]:
     """timm's rule: no weight decay for 1-d parameters (biases, norm weights), names ending
-    in ".bias", and names in ``no_weight_decay`` or ``model.no_weight_decay()``; frozen
-    parameters are left out. Returns [no-decay group, decay group] (empty ones dropped)."""
+    in ".bias", and names matching a pattern of ``no_weight_decay`` or
+    ``model.no_weight_decay()`` (shell-style wildcards, as timm 1.0.31 reads them: xcit's
+    ``"pos_embed.*"``); frozen parameters are left out. Returns [no-decay group, decay
+    group] (empty ones dropped)."""
     skip = set(no_weight_decay) | set(getattr(model, "no_weight_decay", lambda: ())())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        excluded = p.ndim <= 1 or name.endswith(".bias") or any(fnmatchcase(name, s) for s in skip)
+        (no_decay if excluded else decay).append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
     return [g for g in groups if g["params"]]
 
@@ -83,13 +88,25 @@ def create_optimizer(model_or_params, opt: str, lr: Optional[float] = None,
 def register_timm(registry=None) -> list[str]:
     """Register the family and the baselines in timm's optimizer registry, so that
     ``timm.optim.create_optimizer_v2(model, "cmlr", ...)`` builds them (timm's own
-    ``lookahead_`` prefix then wraps them in timm's Lookahead). Returns the names added.
-    timm passes ``momentum=0.9`` by default to optimizers that take one, as it does for SGD.
-    The optimizers still need ``step(closure)``: see docs/training.md for train.py."""
+    ``lookahead_`` prefix then wraps them in timm's Lookahead). Returns the names added
+    (none on a second call). A name timm already uses for another optimizer is left to
+    timm, with a warning. timm passes ``momentum=0.9`` by default to optimizers that take
+    one, as it does for SGD. The optimizers still need ``step(closure)``: see
+    docs/training.md for train.py."""
     from timm.optim._optim_factory import OptimInfo, default_registry
 
     registry = default_registry if registry is None else registry
+    known = set(registry.list_optimizers())
+    added = []
     for name, cls in PROBE.items():
+        if name in known:
+            theirs = registry.get_optimizer_info(name).opt_class
+            if theirs is not cls:
+                warnings.warn(f"register_timm: timm already has an optimizer {name!r} "
+                              f"({theirs}); lookahead_ext.{cls.__name__} is not "
+                              f"registered under that name", RuntimeWarning, stacklevel=2)
+            continue
         registry.register(OptimInfo(name=name, opt_class=cls, has_momentum=True, has_betas=True,
                                     description=f"lookahead_ext.{cls.__name__} (needs step(closure))"))
-    return list(PROBE)
+        added.append(name)
+    return added

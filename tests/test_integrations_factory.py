@@ -1,11 +1,13 @@
-"""lookahead_ext.create_optimizer: every name, no-decay groups, the lookahead_ prefix, timm."""
+"""lookahead_ext.create_optimizer: every name, no-decay groups, the lookahead_ prefix (timm itself:
+test_integrations_timm.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import lookahead_ext as la
-from lookahead_ext.factory import PROBE, TORCH, optimizer_names, register_timm
+import lookahead_ext.amp
+from lookahead_ext.factory import PROBE, TORCH, optimizer_names
 
 
 def model(seed=0):
@@ -65,6 +67,9 @@ def test_no_weight_decay_list_of_the_model():
     m.no_weight_decay = lambda: {"0.weight"}
     opt = la.create_optimizer(m, "sgd", lr=0.1, weight_decay=0.1)
     assert [len(g["params"]) for g in opt.param_groups] == [5, 1]
+    m.no_weight_decay = lambda: {"3.*"}  # timm reads them as shell-style patterns (xcit: "pos_embed.*")
+    opt = la.create_optimizer(m, "sgd", lr=0.1, weight_decay=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [5, 1] and opt.param_groups[1]["params"][0] is m[0].weight
 
 
 def test_bad_names_refused():
@@ -74,24 +79,17 @@ def test_bad_names_refused():
         la.create_optimizer(model(), "lookahead_cmlr")
 
 
-def _timm():
-    try:
-        import timm.optim  # noqa: F401
-        return None
-    except Exception as e:  # noqa: BLE001 - any import failure means no usable timm here
-        return f"{type(e).__name__}: {e}"
-
-
-@pytest.mark.skipif(_timm() is not None, reason=(
-    "timm cannot be imported on this machine: timm imports torchvision at import time "
-    "(1.0.31: timm.layers.create_norm; 0.9.16: timm.layers/timm.data too), and the only torchvision on the package index is "
-    f"CUDA-linked and fails with the CPU torch ({_timm()})"))
-def test_register_timm_create_optimizer_v2():
-    from timm.optim import create_optimizer_v2
-
-    assert "cmlr" in register_timm()
+def test_lookahead_prefix_under_a_grad_scaler():
+    """la.amp.step drives "lookahead_sam" (lookahead_ext's Lookahead has probes()) and returns
+    the first probe's loss (it read a last_loss the Lookahead does not have)."""
     m = model()
-    opt = create_optimizer_v2(m, "cmlr", lr=0.01, weight_decay=0.1, k=3)
-    assert isinstance(opt, la.CMLR) and opt.defaults["momentum"] == 0.9  # timm's default
-    one_step(m, opt)
-    assert opt.num_evals == 3
+    opt = la.create_optimizer(m, "lookahead_sam", lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def closure():
+        loss = F.mse_loss(m(x), y)
+        scaler.scale(loss).backward()
+        return loss
+    want = F.mse_loss(m(x), y)
+    assert torch.equal(la.amp.step(opt, scaler, closure), want) and opt.optimizer.num_steps == 1

@@ -61,3 +61,12 @@ class SlowWeightsMixin:
         """Force the Lookahead outer step now (slow += alpha(fast - slow); fast = slow)
         and restart the cycle, e.g. at the end of training before saving the model."""
         self._sync_now()
+
+    @property
+    def sync_lookahead(self):
+        """timm's name for :meth:`sync`: timm's train.py calls ``optimizer.sync_lookahead()``
+        at the end of every epoch where it exists (as for its own ``lookahead_`` optimizers),
+        so it exists only where there are slow weights (``hasattr`` is False on SAM & co)."""
+        if not getattr(self, "lookahead", True):
+            raise AttributeError(f"{type(self).__name__} has no slow weights (no sync_lookahead)")
+        return self.sync
