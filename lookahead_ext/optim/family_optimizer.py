@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..ops.base_step import ADAMW, SGD
+from ..ops.plan_lists import PlanList
 from ._buckets import state_dtype
 from ._grad_mode import no_grad as _no_grad
 from .runtime import ProbeRuntime
