@@ -87,22 +87,30 @@ class Buffers:
     the engine's persistent lists."""
 
     def __init__(self, sizes, device, wrap=list):
-        mk = lambda: wrap([torch.randn(s, device=device) for s in sizes])  # noqa: E731
+        mk = lambda **kw: wrap([torch.randn(s, device=device) for s in sizes], **kw)  # noqa: E731
         self.wrap = wrap
-        self.params, self.masters, self.v, self.mom = mk(), mk(), mk(), mk()
+        if wrap is list:
+            self.params, self.masters, self.v, self.mom = mk(), mk(), mk(), mk()
+            self.gp, self.gm = mk(), mk()
+        else:  # as the engine makes them (optim/_buckets.py, ProbeRuntime._capture)
+            from lookahead_ext.ops.plan_lists import ADDRESS, OWNER
+            self.params, self.masters = mk(check=OWNER), mk(check=OWNER)  # fp32: scratch masters
+            self.v, self.mom = mk(check=ADDRESS), mk(check=ADDRESS)
+            self.gp, self.gm = mk(like=self.params), mk(like=self.params)
         self.slow = mk()
-        self.gp, self.gm = mk(), mk()
         self.scale = torch.tensor(0.01, device=device) if device.type == "cuda" else 0.01
 
     def regrad(self):
         """A new step's lists as the engine makes them: gradient tensor objects at the old
         addresses (as the caching allocator gives), the state lists rebuilt from the
         optimizer state (plan_lists.reuse keeps the previous PlanList of the same tensors)."""
-        self.gp = self.wrap([g.detach() for g in self.gp])
-        self.gm = self.wrap([g.detach() for g in self.gm])
+        kw = {} if self.wrap is list else {"like": self.params}
+        self.gp = self.wrap([g.detach() for g in self.gp], **kw)
+        self.gm = self.wrap([g.detach() for g in self.gm], **kw)
         if self.wrap is not list:
-            from lookahead_ext.ops.plan_lists import reuse
-            self.v, self.mom = reuse(self.v, list(self.v)), reuse(self.mom, list(self.mom))
+            from lookahead_ext.ops.plan_lists import ADDRESS, reuse
+            self.v = reuse(self.v, list(self.v), check=ADDRESS)
+            self.mom = reuse(self.mom, list(self.mom), check=ADDRESS)
 
 
 def op_call(op: str, b: Buffers, backend: str):

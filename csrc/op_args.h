@@ -182,6 +182,25 @@ inline CombineLists check_combine_args(const char* op, at::TensorList params, at
   return r;
 }
 
+// multi_dot's arguments: `tensors` holds n_lists lists of equal length, each checked on
+// `dev` (check_list: numels gets the row sizes), and `pairs` (flat (i, j)) indexes them.
+inline std::vector<at::TensorList> dot_lists(at::TensorList tensors, int64_t n_lists, at::IntArrayRef pairs,
+                                             const at::Device& dev, std::vector<int64_t>& numels) {
+  TORCH_CHECK(n_lists >= 1 && static_cast<int64_t>(tensors.size()) % n_lists == 0,
+              "multi_dot: tensors must hold n_lists lists of equal length");
+  TORCH_CHECK(pairs.size() % 2 == 0, "multi_dot: pairs must be a flat list of (i, j)");
+  const int64_t n = static_cast<int64_t>(tensors.size()) / n_lists;
+  std::vector<at::TensorList> lists;
+  for (int64_t l = 0; l < n_lists; ++l) {
+    lists.push_back(tensors.slice(l * n, n));
+    check_list(lists.back(), "multi_dot", "tensors", dev, numels);
+  }
+  for (int64_t p : pairs) {
+    TORCH_CHECK(p >= 0 && p < n_lists, "multi_dot: pair index ", p, " out of range");
+  }
+  return lists;
+}
+
 // nonfinite_'s list_sizes (tensors per list; empty: one list) as offsets [0, ..., n].
 inline std::vector<int64_t> list_bounds(at::IntArrayRef list_sizes, int64_t n) {
   std::vector<int64_t> b{0};

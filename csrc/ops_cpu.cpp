@@ -116,20 +116,10 @@ std::vector<T*> ptrs(at::TensorList ts) {
 
 // ------------------------------------------------------------------ multi_dot
 at::Tensor multi_dot_cpu(at::TensorList tensors, int64_t n_lists, at::IntArrayRef pairs, bool per_tensor) {
-  TORCH_CHECK(n_lists >= 1 && static_cast<int64_t>(tensors.size()) % n_lists == 0,
-              "multi_dot: tensors must hold n_lists lists of equal length");
-  TORCH_CHECK(pairs.size() % 2 == 0, "multi_dot: pairs must be a flat list of (i, j)");
+  std::vector<int64_t> numels;
+  const auto lists = dot_lists(tensors, n_lists, pairs, at::Device(at::kCPU), numels);
   const int64_t n = static_cast<int64_t>(tensors.size()) / n_lists;
   const int64_t P = static_cast<int64_t>(pairs.size()) / 2;
-  std::vector<at::TensorList> lists;
-  std::vector<int64_t> numels;
-  for (int64_t l = 0; l < n_lists; ++l) {
-    lists.push_back(tensors.slice(l * n, n));
-    check_list(lists.back(), "multi_dot", "tensors", at::Device(at::kCPU), numels);
-  }
-  for (int64_t p = 0; p < 2 * P; ++p) {
-    TORCH_CHECK(pairs[p] >= 0 && pairs[p] < n_lists, "multi_dot: pair index ", pairs[p], " out of range");
-  }
   const Table tab = make_table(numels);
   const int64_t C = static_cast<int64_t>(tab.chunks.size());
   std::vector<double> partial(static_cast<size_t>(P * C), 0.0);  // fixed slot per (pair, chunk)

@@ -175,24 +175,14 @@ inline int code(at::TensorList ts) {
 }
 
 at::Tensor multi_dot_cuda(at::TensorList tensors, int64_t n_lists, at::IntArrayRef pairs, bool per_tensor) {
-  TORCH_CHECK(n_lists >= 1 && static_cast<int64_t>(tensors.size()) % n_lists == 0,
-              "multi_dot: tensors must hold n_lists lists of equal length");
-  TORCH_CHECK(pairs.size() % 2 == 0, "multi_dot: pairs must be a flat list of (i, j)");
   TORCH_CHECK(!tensors.empty(), "multi_dot: no tensors");
   const at::Device dev = tensors[0].device();
   check_cuda(dev, "multi_dot");
   c10::cuda::CUDAGuard guard(dev);
+  std::vector<int64_t> numels;
+  const auto lists = dot_lists(tensors, n_lists, pairs, dev, numels);
   const int64_t n = static_cast<int64_t>(tensors.size()) / n_lists;
   const int64_t P = static_cast<int64_t>(pairs.size()) / 2;
-  std::vector<at::TensorList> lists;
-  std::vector<int64_t> numels;
-  for (int64_t l = 0; l < n_lists; ++l) {
-    lists.push_back(tensors.slice(l * n, n));
-    check_list(lists.back(), "multi_dot", "tensors", dev, numels);
-  }
-  for (int64_t p = 0; p < 2 * P; ++p) {
-    TORCH_CHECK(pairs[p] >= 0 && pairs[p] < n_lists, "multi_dot: pair index ", pairs[p], " out of range");
-  }
   const int64_t C = total_chunks(numels);
   auto fopt = at::TensorOptions().dtype(at::kFloat).device(dev);
   auto out_per = at::zeros({P, n}, fopt);

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lookahead_ext.ops.plan_lists import PlanList, epoch, step
+from lookahead_ext.ops.plan_lists import ADDRESS, FULL, OWNER, PlanList, epoch, step
 
 # TRITON_INTERPRET is read by @triton.jit when a kernel is *defined*: record the mode the
 # kernels of this package were defined in.
@@ -178,7 +178,11 @@ COLUMNS_SIZE = 256
 
 def column(tensors: list) -> Column:
     """The interned column of a list of contiguous tensors: every tensor read (C-level maps)."""
-    key = (tuple(map(_data_ptr, tensors)), tuple(map(_dtype, tensors)), tuple(map(_numel, tensors)))
+    return intern((tuple(map(_data_ptr, tensors)), tuple(map(_dtype, tensors)), tuple(map(_numel, tensors))))
+
+
+def intern(key: tuple) -> Column:
+    """The one Column of (addresses, dtypes, sizes)."""
     col = _COLUMNS.get(key)
     if col is None:
         col = Column(next(_UIDS), *key, torch.float64 in key[1])
@@ -284,15 +288,20 @@ _version = operator.attrgetter("_version")
 
 def checked(lst: PlanList) -> Optional[Column]:
     """The column a PlanList keeps, if still valid: as it is within the step it was checked
-    in; in a later step of the same epoch, if its tensors kept their addresses and version
-    counters (one map each); else None (read it in full)."""
+    in; in a later step of the same epoch, after the re-check its ``check`` asks for (see
+    ops/plan_lists.py: addresses and version counters, addresses only, or none); else None
+    (read it in full)."""
     col = lst._col
     if col is None or lst._epoch != epoch():
         return None
     st = step()
     if lst._step == st:
         return col
-    if lst._seen is None or lst._seen != (tuple(map(_data_ptr, lst)), tuple(map(_version, lst))):
+    mode = lst.check
+    if mode == ADDRESS:
+        if tuple(map(_data_ptr, lst)) != col.ptrs:
+            return None
+    elif mode != OWNER and (lst._seen is None or lst._seen != (tuple(map(_data_ptr, lst)), tuple(map(_version, lst)))):
         return None
     lst._step = st
     return col
@@ -300,11 +309,27 @@ def checked(lst: PlanList) -> Optional[Column]:
 
 def keep(lst: PlanList, col: Column) -> None:
     """Record `col`, just read from `lst`'s tensors, as its column for this step. The version
-    counters that a later step re-checks are read from a list's second full read on: a list
-    used in one step only (a probe's gradients) is read once, without them."""
-    seen = lst._epoch != -1
+    counters that a later step re-checks (check "full") are read from a list's second full
+    read on: a list used in one step only (a probe's gradients) is read once, without them."""
+    seen = lst._epoch != -1 and lst.check == FULL
     lst._col, lst._epoch, lst._step = col, epoch(), step()
     lst._seen = (col.ptrs, tuple(map(_version, lst))) if seen else None
+
+
+def column_like(lst: PlanList) -> Optional[Column]:
+    """The column of a list made with ``like=`` (a gradient list): its addresses and
+    contiguity read (two maps), dtypes and sizes those of ``like``'s column when that one is
+    valid (``checked``); None when it is not (or ``lst`` is not contiguous, or the lengths
+    differ): read in full."""
+    like = lst.like
+    if len(like) != len(lst):
+        return None
+    lc = checked(like)  # O(1) for the engine's parameter lists (check "owner")
+    if lc is None:
+        return None
+    if not all(map(_contiguous, lst)):
+        return None
+    return intern((tuple(map(_data_ptr, lst)), lc.dtypes, lc.numels))
 
 
 class Prepared:
@@ -325,7 +350,13 @@ class Prepared:
                 self.slots.append(None)
                 self.cols.append(None)
                 continue
-            col = checked(lst) if type(lst) is PlanList else None
+            col = None
+            if type(lst) is PlanList:
+                col = checked(lst)
+                if col is None and lst.like is not None:
+                    col = column_like(lst)
+                    if col is not None:
+                        keep(lst, col)
             if col is None:
                 if not isinstance(lst, list):
                     lst = list(lst)

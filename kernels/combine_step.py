@@ -11,9 +11,9 @@ structure (which lists are present, SGD/AdamW, momentum/nesterov/first step, dty
 constexpr. The order of the floating-point operations mirrors reference.py.
 
 write_masters=False (constexpr WRITE_W): the new w is stored to params only, the masters
-are only read. v_sq_out (+= sum v_new^2) is emulated: one multi_dot pass over the updated
-v after the step (deterministic, per-program partials + a fixed-order sum added in place;
-not fused).
+are only read. v_sq_out (+= sum v_new^2) is fused (constexpr VSQ): each program stores
+the sum of its new v's squares as multi_dot's <v, v> partials would (the same order, so the
+same bits as a separate pass), and a fixed-order second pass adds them in place.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _combine_kernel(
         bv_ptr, a0_ptr, ap_ptr, am_ptr, bv_val, a0_val, ap_val, am_val,
         lr, weight_decay, momentum, one_minus_dampening,
         decay_factor, lerp_w, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-        skip_ptr, base_ptr,
+        skip_ptr, base_ptr, vsq_parts,
         P_DT: tl.constexpr, G0_DT: tl.constexpr, GP_DT: tl.constexpr, GM_DT: tl.constexpr,
         D0: tl.constexpr, DP: tl.constexpr, DM: tl.constexpr,
         HAS_V: tl.constexpr, V0: tl.constexpr, VP: tl.constexpr, VM: tl.constexpr,
@@ -48,13 +48,15 @@ def _combine_kernel(
         VB: tl.constexpr,
         ADAM: tl.constexpr, HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr,
         NESTEROV: tl.constexpr, FIRST: tl.constexpr, WRITE_W: tl.constexpr,
-        HAS_SKIP: tl.constexpr, DEV_BASE: tl.constexpr,
+        HAS_SKIP: tl.constexpr, DEV_BASE: tl.constexpr, VSQ: tl.constexpr,
         FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # HAS_SKIP: skip_ptr is skip_if (float32, one element): nonzero stores params <- cast(masters)
     # and nothing else. DEV_BASE: base_ptr is BaseStep.device_args (float64, layout in
     # ops/base_step.py): the scalars that derive from lr / step / first are read from it,
-    # rounded once to float32 as the host floats are.
+    # rounded once to float32 as the host floats are. VSQ: the program's sum of the new v's
+    # squares goes to vsq_parts[col] (the v_sq_out pass fused: multi_dot's <v, v> partials,
+    # same order of operations, so the same bits).
     pid = tl.program_id(0).to(tl.int64)
     r = tl.load(work + 3 * pid)
     c = tl.load(work + 3 * pid + 1)
@@ -113,6 +115,7 @@ def _combine_kernel(
             am = tl.load(am_ptr).to(tl.float32)
         else:
             am = am_val
+    vsq = tl.zeros([BLOCK], dtype=tl.float32)
     start = c * (BLOCK * ITERS)
     if FULL:  # whole chunk in range: a mask the compiler can vectorize
         lim = start + BLOCK * ITERS
@@ -167,6 +170,8 @@ def _combine_kernel(
                 else:
                     nv = gm * am
             tl.store(v_ptr + offs, nv, mask=mu)
+            if VSQ:  # masked lanes hold 0 (every load above has other=0)
+                vsq += nv * nv
         # the base step
         if ADAM:
             if HAS_WD:
@@ -204,6 +209,8 @@ def _combine_kernel(
         if HAS_SKIP:
             w = tl.where(keep, w, w_old)
         tl.store(p_ptr + offs, w.to(P_DT), mask=m)
+    if VSQ:
+        tl.store(vsq_parts + tl.load(work + 3 * pid + 2), tl.sum(vsq, axis=0))
 
 
 def _present(coef, lst) -> bool:
@@ -248,6 +255,8 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
     _, hyper, kflags = base.kernel_args()
     base_t = base.device_args(dev) if base.on_device else None
     skip = skip_f32(skip_if)
+    vsq = has_v and v_sq_out is not None and p.n_cols > 0
+    vsq_parts = p.scratch(1) if vsq else p.seg  # (p.seg: a placeholder pointer, never read)
     has_wd = float(base.weight_decay) != 0.0
     if adam:
         lr = wd = momentum = one_minus_damp = 0.0
@@ -267,20 +276,20 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
                 sargs[0][1], sargs[1][1], sargs[2][1], sargs[3][1],
                 lr, wd, momentum, one_minus_damp,
                 decay, lerp_w, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
-                work if skip is None else skip, work if base_t is None else base_t,
+                work if skip is None else skip, work if base_t is None else base_t, vsq_parts,
                 P_DT=_mta.tl_dtype(g.dtypes[_P]), G0_DT=_mta.tl_dtype(g.dtypes[_G0]),
                 GP_DT=_mta.tl_dtype(g.dtypes[_GP]), GM_DT=_mta.tl_dtype(g.dtypes[_GM]),
                 BV_PTR=sargs[0][2], A0_PTR=sargs[1][2], AP_PTR=sargs[2][2], AM_PTR=sargs[3][2],
                 ADAM=adam, HAS_WD=has_wd, MOMENTUM=base.uses_momentum,
                 NESTEROV=bool(base.nesterov), FIRST=bool(kflags[1]), WRITE_W=write_w,
-                HAS_SKIP=skip is not None, DEV_BASE=base_t is not None,
+                HAS_SKIP=skip is not None, DEV_BASE=base_t is not None, VSQ=vsq,
                 FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion, **flags)
     prep.finish()
-    if v_sq_out is not None:
-        if skip is None:
-            from .multi_dot import sq_norm_into
-            sq_norm_into(v, v_sq_out)  # += ||v||^2, in place
+    if vsq:
+        if skip is None:  # v_sq_out += ||v||^2, in place
+            _mta.segsum_kernel[(1, 1)](vsq_parts, v_sq_out, p.total, vsq_parts.shape[1], 1, ACC=True,
+                                       BLOCK=cfg.seg_block, num_warps=cfg.num_warps,
+                                       enable_fp_fusion=cfg.fp_fusion)
         else:  # unchanged bits when skipped (a select on the device)
-            from .multi_dot import multi_dot
-            vsq = multi_dot([v], [(0, 0)]).reshape(v_sq_out.shape)
-            v_sq_out.copy_(torch.where(skip.reshape(()) != 0, v_sq_out, v_sq_out + vsq))
+            total = _mta.segsum(vsq_parts, p.total, 1).reshape(v_sq_out.shape)
+            v_sq_out.copy_(torch.where(skip.reshape(()) != 0, v_sq_out, v_sq_out + total))

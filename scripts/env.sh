@@ -32,7 +32,7 @@ echo "torch==$(_torch_version)" > .venv/.torch-constraint.txt
 
 # timm is left out: it imports torchvision, whose registry builds are CUDA-linked and break a
 # CPU torch (tests that need timm skip without it).
-DEPS=(setuptools wheel ninja numpy tqdm pytest hypothesis scikit-learn matplotlib triton
+DEPS=(setuptools wheel ninja numpy tqdm pytest pytest-xdist hypothesis scikit-learn matplotlib triton
       "transformers==4.57.1" "accelerate==1.15.0" "pytorch-lightning==2.6.6" pytorch_optimizer
       mkdocs-material "mkdocstrings[python]")
 deps_key="$(printf '%s\n' "${DEPS[@]}" | cat - .venv/.torch-constraint.txt | _hash)"

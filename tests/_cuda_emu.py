@@ -33,7 +33,8 @@ needs_emu = pytest.mark.skipif(WHY is not None, reason=SKIP_REASON)
 
 # UBSan (-fsanitize=alignment) reports go to files checked after each test (conftest's fixture);
 # the runtime reads UBSAN_OPTIONS at its first report, after this import
-UBSAN_DIR = os.path.join(_build.build_dir() if _build else ROOT, "ubsan")
+# (one folder per pytest-xdist worker: a worker clears and reads only its own reports)
+UBSAN_DIR = os.path.join(_build.build_dir() if _build else ROOT, "ubsan" + os.environ.get("PYTEST_XDIST_WORKER", ""))
 os.environ.setdefault("UBSAN_OPTIONS", f"print_stacktrace=1:log_path={os.path.join(UBSAN_DIR, 'report')}")
 
 _lock = threading.Lock()

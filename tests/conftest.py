@@ -11,6 +11,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist (the README's test command runs one worker per core): the workers share the
+# cores, so each takes its share of torch's intra-op threads (OpenMP threads of two workers
+# spinning on the same cores slow both down); a test that needs a count sets its own.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer tests; the full run includes them, `-m 'not slow'` skips them")

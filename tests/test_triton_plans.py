@@ -296,6 +296,101 @@ def test_planlist_changed_then_new_step_is_seen(change):
         assert torch.equal(tail, snapshot.reshape(-1)[out[1].numel():]), "stale extent"
 
 
+def _kept_three_steps(check):
+    out, base, d = (PlanList(randn(SIZES, torch.float32, k), check=check) for k in range(3))
+    for _ in range(3):
+        new_step()
+        T().perturb_(out, base, d, 0.5)
+    return out, base, d
+
+
+def test_owner_lists_are_not_rechecked_at_a_new_step(monkeypatch):
+    """check="owner": the owner validates its tensors itself (the engine's parameters, by its
+    bucket signature), so a new step reads nothing; a new epoch reads them in full."""
+    from lookahead_ext.kernels import _mta as mta
+    out, base, d = _kept_three_steps("owner")
+    reads = ColumnReads(monkeypatch)
+    maps = []
+    monkeypatch.setattr(mta, "_data_ptr", lambda t: maps.append(t) or torch.Tensor.data_ptr(t))
+    for _ in range(3):
+        new_step()
+        T().perturb_(out, base, d, 0.5)
+    assert reads.n == 0 and maps == []
+    new_epoch()
+    T().perturb_(out, base, d, 0.5)
+    assert reads.n == 3
+
+
+def test_address_lists_see_a_repointed_tensor_at_a_new_step(monkeypatch):
+    """check="address": one map over the addresses per step; a tensor re-pointed to other
+    memory (.data =, set_) is read again, and the old storage is never written."""
+    out, base, d = _kept_three_steps("address")
+    reads = ColumnReads(monkeypatch)
+    new_step()
+    T().perturb_(out, base, d, 0.5)
+    assert reads.n == 0
+    for change in (_repoint, _set):
+        old = out[1].data
+        snapshot = old.clone()
+        change(out[1])
+        new_step()
+        assert_same(*perturb_both(out, base, d), "out")
+        assert torch.equal(old, snapshot), f"{change.__name__}: the old storage was written"
+    assert reads.n == 2
+
+
+def test_planlist_check_is_validated():
+    with pytest.raises(ValueError, match="check must be one of"):
+        PlanList([], check="never")
+
+
+def test_like_list_takes_dtypes_and_sizes_from_its_like(monkeypatch):
+    """A gradient list made with like=params reads addresses and contiguity only, and gives
+    the column a full read gives; without a current column of `like` (or of another length,
+    or non-contiguous) it is read in full."""
+    mta = _mta()
+    params = PlanList(randn(SIZES, torch.float32, 0), check="owner")
+    base = PlanList(randn(SIZES, torch.float32, 1), check="owner")
+    new_epoch()
+    T().perturb_(params, base, base, 0.5)  # params' column: read in this step
+    grads = PlanList(randn(SIZES, torch.float32, 2), like=params)
+    reads = ColumnReads(monkeypatch)
+    got, want = perturb_both(params, base, grads)
+    assert_same(got, want, "params")
+    assert reads.n == 0
+    full = mta.column(list(grads))
+    assert (grads._col.ptrs, grads._col.dtypes, grads._col.numels) == (full.ptrs, full.dtypes, full.numels)
+    reads.n = 0
+    new_epoch()  # like's column is stale: the gradient list is read in full
+    grads2 = PlanList(randn(SIZES, torch.float32, 3), like=params)
+    T().perturb_(base, base, grads2, 0.5)
+    assert reads.n >= 1 and grads2._col.dtypes == (torch.float32,) * 3
+    short = PlanList(randn(SIZES[:2], torch.float32, 4), like=params)  # another length
+    T().perturb_(params, base, base, 0.5)
+    assert mta.column_like(short) is None
+    strided = PlanList([torch.randn(14, device=DEVICE)[::2], torch.randn(1030, device=DEVICE),
+                        torch.randn(33, device=DEVICE)], like=params)
+    assert mta.column_like(strided) is None  # not contiguous: the copy path
+
+
+def test_engine_reads_each_gradient_list_once_per_probe(monkeypatch):
+    """In the engine's steady state (one bucket), a step reads no list in full: the
+    parameters and state are kept, each probe's gradient list is read once (two maps, by
+    column_like) and the same list object goes to the check and the base step."""
+    from lookahead_ext.optim import CMLR
+    mta = _mta()
+    model = _model()
+    opt = CMLR(model.parameters(), lr=0.1, momentum=0.9, k=2, backend="triton")
+    _run(opt, model, 3)
+    reads = ColumnReads(monkeypatch)
+    likes = []
+    orig = mta.column_like
+    monkeypatch.setattr(mta, "column_like", lambda lst: likes.append(lst) or orig(lst))  # kept alive: ids stay unique
+    _run(opt, model, 2)
+    assert reads.n == 0
+    assert likes and len(likes) == len({id(lst) for lst in likes}), "a gradient list was read twice"
+
+
 def test_same_address_view_needs_a_new_epoch():
     """`.data =` a view that starts at the same element keeps the address and the version:
     a new step does not see it (documented); a new epoch does."""

@@ -57,34 +57,34 @@ def variants():
                                                 "lr", "weight_decay", "momentum", "one_minus_dampening",
                                                 "decay_factor", "lerp_w", "beta2", "one_minus_beta2",
                                                 "step_size", "bc2_sqrt", "eps")},
-                      **{k: PF32 for k in ("bv_ptr", "a0_ptr", "ap_ptr", "am_ptr", "skip_ptr")}, base_ptr="*fp64")
+                      **{k: PF32 for k in ("bv_ptr", "a0_ptr", "ap_ptr", "am_ptr", "skip_ptr", "vsq_parts")}, base_ptr="*fp64")
         common = dict(G0_DT=tl.bfloat16, GP_DT=tl.bfloat16, GM_DT=tl.bfloat16)
         yield ("combine adamw + v (CMLR) bf16 " + tag, combine_step._combine_kernel, ctypes,
                dict(P_DT=tl.bfloat16, **common, D0=False, DP=True, DM=True, HAS_V=True, V0=False,
                     VP=True, VM=True, BV_PTR=True, A0_PTR=True, AP_PTR=True, AM_PTR=True, VB=True,
                     ADAM=True, HAS_WD=True, MOMENTUM=False, NESTEROV=False, FIRST=False, WRITE_W=True,
-                    HAS_SKIP=False, DEV_BASE=False, **fa),
+                    HAS_SKIP=False, DEV_BASE=False, VSQ=True, **fa),
                full and aligned)
         yield ("combine sgd nesterov fp32 " + tag, combine_step._combine_kernel, ctypes,
                dict(P_DT=tl.float32, G0_DT=tl.float32, GP_DT=tl.float32, GM_DT=tl.float32,
                     D0=True, DP=True, DM=False, HAS_V=False, V0=False, VP=False, VM=False,
                     BV_PTR=False, A0_PTR=False, AP_PTR=False, AM_PTR=False, VB=False,
                     ADAM=False, HAS_WD=True, MOMENTUM=True, NESTEROV=True, FIRST=False,
-                    WRITE_W=False, HAS_SKIP=False, DEV_BASE=False, **fa),  # write_masters=False (fp32 params)
+                    WRITE_W=False, HAS_SKIP=False, DEV_BASE=False, VSQ=False, **fa),  # write_masters=False (fp32 params)
                full and aligned)
         yield ("combine sgd first-step fp16 " + tag, combine_step._combine_kernel, ctypes,
                dict(P_DT=tl.float16, G0_DT=tl.float16, GP_DT=tl.float16, GM_DT=tl.float16,
                     D0=True, DP=False, DM=False, HAS_V=False, V0=False, VP=False, VM=False,
                     BV_PTR=False, A0_PTR=False, AP_PTR=False, AM_PTR=False, VB=False,
                     ADAM=False, HAS_WD=False, MOMENTUM=True, NESTEROV=False, FIRST=True, WRITE_W=True,
-                    HAS_SKIP=False, DEV_BASE=False, **fa),
+                    HAS_SKIP=False, DEV_BASE=False, VSQ=False, **fa),
                full and aligned)
         # the capturable step (device_skip=True): skip flag and BaseStep scalars read on device
         yield ("combine adamw skip_if + device base bf16 " + tag, combine_step._combine_kernel, ctypes,
                dict(P_DT=tl.bfloat16, **common, D0=False, DP=True, DM=True, HAS_V=False, V0=False,
                     VP=False, VM=False, BV_PTR=False, A0_PTR=True, AP_PTR=True, AM_PTR=True, VB=False,
                     ADAM=True, HAS_WD=True, MOMENTUM=False, NESTEROV=False, FIRST=False, WRITE_W=True,
-                    HAS_SKIP=True, DEV_BASE=True, **fa),
+                    HAS_SKIP=True, DEV_BASE=True, VSQ=False, **fa),
                full and aligned)
         yield ("multi_dot xx,yy,xy bf16/fp32 " + tag, multi_dot._dot_kernel,
                dict(tbl, partials=PF32, n_cols="i64", row_xx="i64", row_yy="i64", row_xy="i64"),

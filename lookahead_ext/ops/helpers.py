@@ -276,6 +276,8 @@ def check_combine_aliasing(params, masters, grads, base, base_state: dict, v, v_
     """combine_step_: params, masters (with write_masters), the base state buffers, v and
     v_sq_out are written; params[i] may be masters[i] itself; the gradient lists may alias
     each other; skip_if and the base step's device scalars are read."""
+    if getattr(_ENGINE, "trusted", False):
+        return  # before building the role lists: the runtime's own calls (trust_engine_calls)
     written = [("params", params), ("masters", masters if write_masters else None), ("v", v),
                ("v_sq_out", v_sq_out)] + [(name, base_state.get(name)) for name in base.state_names()]
     read = [("masters", None if write_masters else masters)]

@@ -21,6 +21,20 @@ The contract of the owner (the optimizer engine owns its PlanLists):
   ``as_strided_``...): any difference reads it in full again. The engine calls it at the
   start of every step. A list's first full read takes no version counters (a probe's
   gradient list is used in one step); it is read in full once more, then re-checked.
+- What a new step re-checks is the list's ``check`` (set by its owner):
+
+  * ``"full"`` (the default): addresses and version counters, as above;
+  * ``"address"``: addresses only (one map). For lists of the owner's own state tensors
+    (fp32 masters, momentum, Adam moments): only the owner writes them, never resizes or
+    transposes them in place, and a tensor re-pointed to other memory (``.data =``,
+    ``set_``, ``load_state_dict`` replacing it) is seen;
+  * ``"owner"``: nothing; the owner validates the tensors itself before each step (the
+    engine's parameter lists: its per-step parameter signature reads every address and
+    starts a new epoch when one moved).
+- A list made with ``like=`` (a gradient list, ``like`` = its parameters' list) takes its
+  tensors' dtypes and sizes from ``like``'s column when that one is checked in this epoch:
+  its full read is two maps (addresses, contiguity), not four. torch ties a gradient's dtype
+  and size to its parameter's (the ``.grad`` setter and autograd's accumulation check both).
 - Mutating a PlanList (append, item assignment, ...) forgets its column at once.
 - Copies (``copy``/``deepcopy``/pickle) are plain, unvalidated PlanLists: a deep copy has
   new tensors at new addresses and must never inherit the original's column.
@@ -31,6 +45,8 @@ from __future__ import annotations
 
 from operator import is_
 
+FULL, ADDRESS, OWNER = "full", "address", "owner"
+CHECKS = (FULL, ADDRESS, OWNER)
 _EPOCH = [0]
 _STEP = [0]
 
@@ -70,14 +86,18 @@ class PlanList(list):
     """A list of tensors whose launch-plan column (addresses, dtypes, sizes) is cached by
     the backends for the current epoch (see the module docstring)."""
 
-    __slots__ = ("_col", "_epoch", "_step", "_seen")
+    __slots__ = ("_col", "_epoch", "_step", "_seen", "check", "like")
 
-    def __init__(self, iterable=()):
+    def __init__(self, iterable=(), check: str = FULL, like: "PlanList | None" = None):
         super().__init__(iterable)
+        if check not in CHECKS:
+            raise ValueError(f"PlanList: check must be one of {CHECKS}, got {check!r}")
         self._col = None      # the validated column (kernels/_mta.py), None: read in full
         self._epoch = -1      # the epoch and step it was last checked in
         self._step = -1
-        self._seen = None     # (addresses, version counters) when it was last checked
+        self._seen = None     # what a new step compares (see kernels/_mta.checked)
+        self.check = check    # what a new step re-checks: FULL, ADDRESS or OWNER
+        self.like = like      # the list whose column gives this one's dtypes and sizes
 
     def __reduce__(self):
         return (PlanList, (list(self),))
@@ -92,10 +112,19 @@ for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "r
 del _name
 
 
-def reuse(old, tensors) -> PlanList:
+def twin(src: PlanList) -> PlanList:
+    """A new PlanList of ``src``'s tensors that starts with ``src``'s column (a list the
+    caller may mutate without touching ``src``, with nothing read again)."""
+    out = PlanList(src, src.check, src.like)
+    out._col, out._epoch, out._step, out._seen = src._col, src._epoch, src._step, src._seen
+    return out
+
+
+def reuse(old, tensors, check: str = FULL) -> PlanList:
     """``old`` itself when it is a PlanList holding exactly the objects of ``tensors`` (so it
-    keeps its checked column), else a new PlanList of ``tensors``. For an owner that
-    rebuilds a list of the same tensors every step (e.g. optimizer state read per step)."""
+    keeps its checked column), else a new PlanList of ``tensors`` (with ``check``). For an
+    owner that rebuilds a list of the same tensors every step (e.g. optimizer state read
+    per step)."""
     if type(old) is PlanList and len(old) == len(tensors) and all(map(is_, old, tensors)):
         return old
-    return PlanList(tensors)
+    return PlanList(tensors, check)

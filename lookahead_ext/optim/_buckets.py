@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..ops.plan_lists import PlanList, reuse
+from ..ops.plan_lists import ADDRESS, OWNER, PlanList, reuse
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -27,9 +27,13 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 @dataclass
 class Bucket:
     group: dict
-    # PlanLists: the Triton backend keeps their launch-plan columns for the step (epoch)
-    params: list[Tensor] = field(default_factory=PlanList)
-    masters: list[Tensor] = field(default_factory=PlanList)
+    # PlanLists: the Triton backend keeps their launch-plan columns for the epoch (the
+    # bucket's life). The params are re-checked by the engine itself at every step
+    # (param_signature: identity, address, requires_grad; a change rebuilds the buckets);
+    # the masters are the optimizer's own tensors: bf16/fp16 ones are state["master"]
+    # (addresses re-checked), fp32 ones private scratch (re-made with the buckets).
+    params: list[Tensor] = field(default_factory=lambda: PlanList(check=OWNER))
+    masters: list[Tensor] = field(default_factory=lambda: PlanList(check=ADDRESS))
     low_precision: bool = False
     # per-step flags: `synced` = the masters hold the exact fast weights w of this step
     # (always true for low-precision buckets, whose masters persist; for float32/float64
@@ -48,7 +52,7 @@ class Bucket:
 
     def kept(self, name: str, tensors: list) -> list[Tensor]:
         """``tensors`` as the PlanList kept under ``name`` (plan_lists.reuse)."""
-        lst = self.lists[name] = reuse(self.lists.get(name), tensors)
+        lst = self.lists[name] = reuse(self.lists.get(name), tensors, check=ADDRESS)
         return lst
 
     @property
@@ -57,8 +61,9 @@ class Bucket:
         return (self.params[0].device, self.params[0].dtype) if self.params else None
 
     def select(self, keep: list[bool]) -> "Bucket":
-        return Bucket(self.group, PlanList([p for p, k in zip(self.params, keep) if k]),
-                      PlanList([m for m, k in zip(self.masters, keep) if k]), self.low_precision,
+        return Bucket(self.group, PlanList([p for p, k in zip(self.params, keep) if k], check=OWNER),
+                      PlanList([m for m, k in zip(self.masters, keep) if k], check=self.masters.check),
+                      self.low_precision,
                       self.synced, self.perturbed)
 
 
@@ -86,6 +91,8 @@ def make_buckets(groups, state, scratch) -> list[Bucket]:
         for (_, dtype), members in zip(kinds.kinds, kinds.split(params)):
             low = dtype in LOW_PRECISION
             b = Bucket(group, low_precision=low, synced=low)
+            if not low:
+                b.masters.check = OWNER
             for p in members:
                 b.params.append(p)
                 b.masters.append(_low_master(p, state, b) if low else _scratch_backup(p, scratch))

@@ -164,10 +164,12 @@ class ProbeOptimizer(ProbeRuntime):
         whether v restarts at g0: both candidates, chosen by the device bool ``fresh``.
         Returns (vdir, inv_v, ||v||^2 of the carried v)."""
         dense = self._dense(buckets, g0)
-        carried = [PlanList([self._v(p) for p in b.params]) for b in buckets]
+        carried = [b.kept("v", [self._v(p) for p in b.params]) for b in buckets]
         v_sq = self._v_norm_sq(carried)
         inv_v = torch.where(fresh, self._probe_inv("g0"), self._norm_inv(v_sq))
-        vdir = [PlanList([torch.where(fresh, g, v) for g, v in zip(gl, vl)])
+        # where(fresh, g, v) has v's dtype (the state dtype: float32 for bf16/fp16 params)
+        # and size: its launch-plan column takes them from v's (plan_lists, like=)
+        vdir = [PlanList([torch.where(fresh, g, v) for g, v in zip(gl, vl)], like=vl)
                 for gl, vl in zip(dense, carried)]
         return vdir, inv_v, v_sq
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import ops
 from ..ops.base_step import ADAMW, SGD, BaseStep
-from ..ops.plan_lists import PlanList
+from ..ops.plan_lists import PlanList, twin
 from ._buckets import state_dtype
 
 
@@ -77,6 +77,8 @@ class KindGroups:
 def zero_filled(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> list[Tensor]:
     """``grads`` with None replaced by zeros like the parameter (its dtype, so that every
     list handed to an op is of one dtype)."""
+    if type(grads) is PlanList and all(g is not None for g in grads):  # the usual case: its column goes along
+        return twin(grads)
     return PlanList([g if g is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
                      for g, p in zip(grads, params)])
 

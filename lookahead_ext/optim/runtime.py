@@ -611,23 +611,29 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
     def _capture(self, buckets, name, backend, used=None):
         grads, checks, missing = [], {}, False
         for b in buckets:
-            gl = PlanList()  # read once by the check, reused by the base step
-            flat = checks.setdefault(b.kind, PlanList())  # one fused check per (device, dtype)
+            # dtypes and sizes from the params' column (a gradient's are its parameter's):
+            # the Triton backend reads two maps of this list, not four
+            gl = PlanList(like=b.params)
+            complete = True
             for p in b.params:
                 g = p.grad
                 if g is None:
-                    missing = True
+                    complete = False
                 elif g.layout is not torch.strided or g.is_complex():
                     kind = "complex" if g.is_complex() else "sparse"
                     with torch.no_grad():
                         self._restore(buckets)
                     raise RuntimeError(f"{type(self).__name__} does not support {kind} "
                                        f"gradients (parameter of shape {tuple(p.shape)})")
-                else:
-                    flat.append(g)
                 gl.append(g)
                 p.grad = None  # keep this probe's gradient; the next probe starts from zero
+            missing = missing or not complete
             grads.append(gl)
+            # one fused check per (device, dtype); the usual single bucket per kind checks
+            # gl itself, whose column the base step then finds kept (read once per probe)
+            checks.setdefault(b.kind, []).append(gl if complete else PlanList([g for g in gl if g is not None]))
+        checks = {kind: lists[0] if len(lists) == 1 else PlanList([g for lst in lists for g in lst])
+                  for kind, lists in checks.items()}
         self._missing = self._missing or missing
         if not self._warned_no_grad and not any(checks.values()) and any(b.params for b in buckets):
             self._warned_no_grad = True
@@ -866,7 +872,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         alpha, backend = self._glob("alpha"), self._backend()
         for b in buckets:
             if b.params:
-                sync_slow_([self._slow[p] for p in b.params],
+                sync_slow_(b.kept("slow", [self._slow[p] for p in b.params]),
                            b.masters if b.low_precision else b.params, alpha, b.params, backend,
                            skip_if=skip_if)
         if skip_if is not None:
