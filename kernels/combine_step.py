@@ -34,6 +34,23 @@ _NS = 8
 
 
 @triton.jit
+def _term(acc, x, c, ADD: tl.constexpr):
+    """acc + x * c when ADD (a term after the first), else x * c: one rounding per product
+    and per sum, in the reference's order."""
+    if ADD:
+        return acc + x * c
+    return x * c
+
+
+@triton.jit
+def _scalar(ptr, val, IS_PTR: tl.constexpr):
+    """A v coefficient: read on the device (a 0-d tensor) or the host float."""
+    if IS_PTR:
+        return tl.load(ptr).to(tl.float32)
+    return val
+
+
+@triton.jit
 def _combine_kernel(
         table, work,
         c0, cp, cm,
@@ -99,22 +116,10 @@ def _combine_kernel(
             lr = tl.load(base_ptr + 0).to(tl.float32)
             first_t = tl.load(base_ptr + 5) != 0.0
     if HAS_V:
-        if BV_PTR:
-            bv = tl.load(bv_ptr).to(tl.float32)
-        else:
-            bv = bv_val
-        if A0_PTR:
-            a0 = tl.load(a0_ptr).to(tl.float32)
-        else:
-            a0 = a0_val
-        if AP_PTR:
-            ap = tl.load(ap_ptr).to(tl.float32)
-        else:
-            ap = ap_val
-        if AM_PTR:
-            am = tl.load(am_ptr).to(tl.float32)
-        else:
-            am = am_val
+        bv = _scalar(bv_ptr, bv_val, BV_PTR)
+        a0 = _scalar(a0_ptr, a0_val, A0_PTR)
+        ap = _scalar(ap_ptr, ap_val, AP_PTR)
+        am = _scalar(am_ptr, am_val, AM_PTR)
     vsq = tl.zeros([BLOCK], dtype=tl.float32)
     start = c * (BLOCK * ITERS)
     if FULL:  # whole chunk in range: a mask the compiler can vectorize
@@ -138,37 +143,22 @@ def _combine_kernel(
         # d = sum of the present terms, accumulated in the reference's order
         d = tl.zeros([BLOCK], dtype=tl.float32)
         if D0:
-            d = g0 * c0
+            d = _term(d, g0, c0, False)
         if DP:
-            if D0:
-                d = d + gp * cp
-            else:
-                d = gp * cp
+            d = _term(d, gp, cp, D0)
         if DM:
-            if D0 or DP:
-                d = d + gm * cm
-            else:
-                d = gm * cm
+            d = _term(d, gm, cm, D0 or DP)
         # momentum v (reads the old v)
         if HAS_V:
             nv = tl.zeros([BLOCK], dtype=tl.float32)
             if VB:
-                nv = tl.load(v_ptr + offs, mask=m, other=0.0) * bv
+                nv = _term(nv, tl.load(v_ptr + offs, mask=m, other=0.0), bv, False)
             if V0:
-                if VB:
-                    nv = nv + g0 * a0
-                else:
-                    nv = g0 * a0
+                nv = _term(nv, g0, a0, VB)
             if VP:
-                if VB or V0:
-                    nv = nv + gp * ap
-                else:
-                    nv = gp * ap
+                nv = _term(nv, gp, ap, VB or V0)
             if VM:
-                if VB or V0 or VP:
-                    nv = nv + gm * am
-                else:
-                    nv = gm * am
+                nv = _term(nv, gm, am, VB or V0 or VP)
             tl.store(v_ptr + offs, nv, mask=mu)
             if VSQ:  # masked lanes hold 0 (every load above has other=0)
                 vsq += nv * nv
