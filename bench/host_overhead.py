@@ -11,13 +11,15 @@ write_masters=False, lookahead_sync_, sq_norm). Regimes for the Triton backend:
                       aliasing check)
   planlist            PlanLists (lookahead_ext.ops.plan_lists) within one step: the
                       engine's persistent launch plans, O(1) per list
-  planlist_new_step   PlanLists with a new step before every call (each list re-checks its
-                      tensors' addresses and version counters)
+  planlist_new_step   PlanLists with a new step before every call (each list re-checked as
+                      the engine's are: params and fp32 backups not at all, state lists by
+                      address; the gradient lists, made with like=params, by address and
+                      version)
   planlist_new_epoch  PlanLists with a new epoch before every call (each list re-read)
   build               tensors never seen before (the plan built from scratch)
   step                one CMLR inner step's calls as the engine issues them (a new step;
                       the state lists rebuilt and kept by plan_lists.reuse; new gradient
-                      lists per probe), per op call
+                      lists per probe, made with like=params, each read once), per op call
 
 The PlanList regimes and the step are the engine's own calls, which skip the per-call
 aliasing check (ops.helpers.trust_engine_calls: the engine checks its parameters once per
@@ -254,7 +256,7 @@ def measure(device: torch.device, n: int, calls: int, repeats: int, ops_: list, 
 COLUMNS = {
     "triton_plain": "Triton, plain lists (a user's call: every tensor read, aliasing checked)",
     "triton_planlist": "Triton, PlanLists within a step (the engine's persistent plans)",
-    "triton_planlist_new_step": "Triton, PlanLists re-checked by address and version (a new step before every call)",
+    "triton_planlist_new_step": "Triton, PlanLists re-checked as the engine's are (a new step before every call)",
     "triton_planlist_new_epoch": "Triton, PlanLists read in full (a new epoch before every call)",
     "triton_build": "Triton, tensors never seen (plan built)",
     "triton_planlist_launched": "Triton, PlanLists, real launches (CUDA: compiled kernels, host time)",

@@ -150,6 +150,15 @@ class Plan:
             buf = self._scratch[key] = torch.empty(rows, max(self.n_cols, 1), dtype=torch.float32, device=dev)
         return buf
 
+    def scratch_rows(self, rows: int) -> tuple:
+        """The rows of `scratch(rows)` as views, made once (indexing a tensor costs ~2 us)."""
+        dev = self.seg.device
+        key = ("rows", rows, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None)
+        views = self._scratch.get(key)
+        if views is None:
+            views = self._scratch[key] = tuple(self.scratch(rows).unbind(0))
+        return views
+
 
 @dataclass(frozen=True, eq=False)
 class Column:
@@ -329,7 +338,16 @@ def column_like(lst: PlanList) -> Optional[Column]:
         return None
     if not all(map(_contiguous, lst)):
         return None
-    return intern((tuple(map(_data_ptr, lst)), lc.dtypes, lc.numels))
+    ptrs = tuple(map(_data_ptr, lst))
+    key = (ptrs, lc.uid)  # `lc` is interned: its uid stands for its dtypes and sizes (no hashing of them)
+    col = _COLUMNS.get(key)
+    if col is None:
+        col = _COLUMNS[key] = Column(next(_UIDS), ptrs, lc.dtypes, lc.numels, lc.fp64)
+        if len(_COLUMNS) > COLUMNS_SIZE:
+            _COLUMNS.popitem(last=False)
+    else:
+        _COLUMNS.move_to_end(key)
+    return col
 
 
 class Prepared:

@@ -89,8 +89,7 @@ def _nonfinite(flat, inv_scale, sq: bool) -> torch.Tensor:
         inv_ptr = inv_scale.reshape(-1)
     else:
         inv_ptr = p.seg
-    parts = p.scratch(2)  # [flags, partial sums of squares], owned by the plan
-    flags, sq_parts = parts[0], parts[1]
+    flags, sq_parts = p.scratch_rows(2)  # per-program flags and partial sums of squares, owned by the plan
     cfg = _mta.CONFIG
     for g in p.groups:
         for work, nw, full in g.launches():
