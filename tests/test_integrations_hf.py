@@ -1,5 +1,4 @@
 """ProbeTrainerMixin with the real transformers Trainer and accelerate (CPU)."""
-import math
 import os
 import tempfile
 

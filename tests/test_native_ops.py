@@ -8,8 +8,8 @@ from lookahead_ext import ops
 from lookahead_ext.ops import native, reference
 from lookahead_ext.ops.base_step import BaseStep
 
-from _compare import EXACT, Tol, assert_lists_close
-from op_db import BASES, DTYPES, DT_IDS, SIZES, TOLS, combine_inputs, make, op_db, present_rows
+from _compare import EXACT, assert_lists_close
+from op_db import BASES, DTYPES, DT_IDS, TOLS, combine_inputs, make, op_db, present_rows
 from test_op_conformance import run_sample
 
 CPP_OK = ops.available_backends()["cpp"] == "ok"

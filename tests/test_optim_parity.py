@@ -12,7 +12,7 @@ from lookahead_ext.ops.backend import OP_NAMES
 
 from conftest import mse_closure, small_batch, small_model
 from op_db import DT_IDS, DTYPES
-from optim_db import OPTIM_IDS, OPTIM_TOLS, optim_db
+from optim_db import OPTIM_TOLS, optim_db
 
 
 def train(info, dtype, device, backend, steps):
