@@ -190,11 +190,13 @@ def column(tensors: list) -> Column:
     return intern((tuple(map(_data_ptr, tensors)), tuple(map(_dtype, tensors)), tuple(map(_numel, tensors))))
 
 
-def intern(key: tuple) -> Column:
-    """The one Column of (addresses, dtypes, sizes)."""
+def intern(key: tuple, fields: Optional[tuple] = None) -> Column:
+    """The one Column of (addresses, dtypes, sizes) = ``fields``, stored under ``key``
+    (default: the fields themselves; column_like keys by a shorter equivalent)."""
     col = _COLUMNS.get(key)
     if col is None:
-        col = Column(next(_UIDS), *key, torch.float64 in key[1])
+        fields = key if fields is None else fields
+        col = Column(next(_UIDS), *fields, torch.float64 in fields[1])
         _COLUMNS[key] = col
         if len(_COLUMNS) > COLUMNS_SIZE:
             _COLUMNS.popitem(last=False)
@@ -339,15 +341,8 @@ def column_like(lst: PlanList) -> Optional[Column]:
     if not all(map(_contiguous, lst)):
         return None
     ptrs = tuple(map(_data_ptr, lst))
-    key = (ptrs, lc.uid)  # `lc` is interned: its uid stands for its dtypes and sizes (no hashing of them)
-    col = _COLUMNS.get(key)
-    if col is None:
-        col = _COLUMNS[key] = Column(next(_UIDS), ptrs, lc.dtypes, lc.numels, lc.fp64)
-        if len(_COLUMNS) > COLUMNS_SIZE:
-            _COLUMNS.popitem(last=False)
-    else:
-        _COLUMNS.move_to_end(key)
-    return col
+    # `lc` is interned: its uid stands for its dtypes and sizes (no hashing of them)
+    return intern((ptrs, lc.uid), (ptrs, lc.dtypes, lc.numels))
 
 
 class Prepared:

@@ -147,16 +147,3 @@ def multi_dot(lists: Sequence[Sequence[torch.Tensor]], pairs, per_tensor: bool =
         res = _mta.segsum(partials, p.total, 1)
     out = res if idx is None else res[torch.tensor(idx, device=device)]
     return out if per_tensor else out.reshape(len(pairs))
-
-
-def sq_norm_into(lst: Sequence[torch.Tensor], dst: torch.Tensor) -> None:
-    """dst += ||lst||^2 (dst: a float32 tensor of one element, contiguous): one pass, the
-    sum added in place by the second pass (no allocation)."""
-    if not len(lst):
-        return
-    _, jobs, _ = _launches(((0, 0),))
-    partials, p = _partials([lst], jobs, 1)
-    if p.n_cols:
-        cfg = _mta.CONFIG
-        _mta.segsum_kernel[(1, 1)](partials, dst, p.total, partials.shape[1], 1, ACC=True,
-                                   BLOCK=cfg.seg_block, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)

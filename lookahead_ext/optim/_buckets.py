@@ -33,7 +33,7 @@ class Bucket:
     # the masters are the optimizer's own tensors: bf16/fp16 ones are state["master"]
     # (addresses re-checked), fp32 ones private scratch (re-made with the buckets).
     params: list[Tensor] = field(default_factory=lambda: PlanList(check=OWNER))
-    masters: list[Tensor] = field(default_factory=lambda: PlanList(check=ADDRESS))
+    masters: list[Tensor] = field(default_factory=lambda: PlanList(check=ADDRESS))  # fp32: OWNER (make_buckets)
     low_precision: bool = False
     # per-step flags: `synced` = the masters hold the exact fast weights w of this step
     # (always true for low-precision buckets, whose masters persist; for float32/float64
@@ -90,9 +90,7 @@ def make_buckets(groups, state, scratch) -> list[Bucket]:
         kinds = KindGroups(params)
         for (_, dtype), members in zip(kinds.kinds, kinds.split(params)):
             low = dtype in LOW_PRECISION
-            b = Bucket(group, low_precision=low, synced=low)
-            if not low:
-                b.masters.check = OWNER
+            b = Bucket(group, masters=PlanList(check=ADDRESS if low else OWNER), low_precision=low, synced=low)
             for p in members:
                 b.params.append(p)
                 b.masters.append(_low_master(p, state, b) if low else _scratch_backup(p, scratch))
