@@ -57,6 +57,35 @@ SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 ALIGN_HINTS = os.environ.get("LOOKAHEAD_EXT_TRITON_ALIGN", "1") != "0"
 
 
+class _InterpretedHelper:
+    """A jit device function under the interpreter, called without re-patching the language
+    module: the calling kernel's launch has patched it already, and the interpreter's own
+    per-call patch costs ~1.4 ms (most of a small launch's time in CI)."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+
+    def __call__(self, *args, **kwargs):
+        return self.jitted.rewrite()(*args, **kwargs)
+
+
+def device_fn(jitted):
+    """A jit device function as kernels should call it: itself when compiled, without the
+    interpreter's per-call language patch when interpreted."""
+    return _InterpretedHelper(jitted) if hasattr(jitted, "rewrite") else jitted
+
+
+def helper(fn):
+    """@triton.jit for a device function that kernels call (see device_fn)."""
+    return device_fn(triton.jit(fn))
+
+
+# tl.sum / tl.max are jit functions of triton.language.standard (tl.zeros too: kernels call
+# tl.full instead): these are the same functions, called cheaply under the interpreter
+block_sum = device_fn(tl.sum)
+block_max = device_fn(tl.max)
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -432,11 +461,11 @@ def segsum_kernel(src, dst, seg, n_src_cols, n_segs, ACC: tl.constexpr, BLOCK: t
     row = tl.program_id(1).to(tl.int64)
     start = tl.load(seg + s)
     end = tl.load(seg + s + 1)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         acc += tl.load(src + row * n_src_cols + idx, mask=idx < end, other=0.0)
-    total = tl.sum(acc, axis=0)
+    total = block_sum(acc, axis=0)
     if ACC:
         total = tl.load(dst + row * n_segs + s) + total
     tl.store(dst + row * n_segs + s, total)
@@ -445,11 +474,11 @@ def segsum_kernel(src, dst, seg, n_src_cols, n_segs, ACC: tl.constexpr, BLOCK: t
 @triton.jit
 def segmax_kernel(src, dst, n, BLOCK: tl.constexpr):
     """dst[0] = max(src[0:n]) (single program; order-independent)."""
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     for off in range(0, n, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         acc = tl.maximum(acc, tl.load(src + idx, mask=idx < n, other=0.0))
-    tl.store(dst, tl.max(acc, axis=0))
+    tl.store(dst, block_max(acc, axis=0))
 
 
 def segsum(src: torch.Tensor, seg: torch.Tensor, n_segs: int) -> torch.Tensor:

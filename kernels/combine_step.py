@@ -33,7 +33,7 @@ _P, _W, _G0, _GP, _GM, _V, _S1, _S2 = range(8)
 _NS = 8
 
 
-@triton.jit
+@_mta.helper
 def _term(acc, x, c, ADD: tl.constexpr):
     """acc + x * c when ADD (a term after the first), else x * c: one rounding per product
     and per sum, in the reference's order."""
@@ -42,7 +42,7 @@ def _term(acc, x, c, ADD: tl.constexpr):
     return x * c
 
 
-@triton.jit
+@_mta.helper
 def _scalar(ptr, val, IS_PTR: tl.constexpr):
     """A v coefficient: read on the device (a 0-d tensor) or the host float."""
     if IS_PTR:
@@ -120,7 +120,7 @@ def _combine_kernel(
         a0 = _scalar(a0_ptr, a0_val, A0_PTR)
         ap = _scalar(ap_ptr, ap_val, AP_PTR)
         am = _scalar(am_ptr, am_val, AM_PTR)
-    vsq = tl.zeros([BLOCK], dtype=tl.float32)
+    vsq = tl.full([BLOCK], 0.0, tl.float32)
     start = c * (BLOCK * ITERS)
     if FULL:  # whole chunk in range: a mask the compiler can vectorize
         lim = start + BLOCK * ITERS
@@ -141,7 +141,7 @@ def _combine_kernel(
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
         w_old = w
         # d = sum of the present terms, accumulated in the reference's order
-        d = tl.zeros([BLOCK], dtype=tl.float32)
+        d = tl.full([BLOCK], 0.0, tl.float32)
         if D0:
             d = _term(d, g0, c0, False)
         if DP:
@@ -150,7 +150,7 @@ def _combine_kernel(
             d = _term(d, gm, cm, D0 or DP)
         # momentum v (reads the old v)
         if HAS_V:
-            nv = tl.zeros([BLOCK], dtype=tl.float32)
+            nv = tl.full([BLOCK], 0.0, tl.float32)
             if VB:
                 nv = _term(nv, tl.load(v_ptr + offs, mask=m, other=0.0), bv, False)
             if V0:
@@ -200,7 +200,7 @@ def _combine_kernel(
             w = tl.where(keep, w, w_old)
         tl.store(p_ptr + offs, w.to(P_DT), mask=m)
     if VSQ:
-        tl.store(vsq_parts + tl.load(work + 3 * pid + 2), tl.sum(vsq, axis=0))
+        tl.store(vsq_parts + tl.load(work + 3 * pid + 2), _mta.block_sum(vsq, axis=0))
 
 
 def _present(coef, lst) -> bool:

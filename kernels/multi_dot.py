@@ -34,9 +34,9 @@ def _dot_kernel(table, work, partials, n_cols, row_xx, row_yy, row_xy,
         y_ptr = tl.load(row + 1).to(tl.pointer_type(Y_DT))
         if ALIGNED:
             y_ptr = tl.multiple_of(y_ptr, 16)
-    acc_xx = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_yy = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_xy = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_xx = tl.full([BLOCK], 0.0, tl.float32)
+    acc_yy = tl.full([BLOCK], 0.0, tl.float32)
+    acc_xy = tl.full([BLOCK], 0.0, tl.float32)
     start = c * (BLOCK * ITERS)
     if FULL:  # whole chunk in range: a mask the compiler can vectorize
         lim = start + BLOCK * ITERS
@@ -55,11 +55,11 @@ def _dot_kernel(table, work, partials, n_cols, row_xx, row_yy, row_xy,
             if DO_XY:
                 acc_xy += x * y
     if DO_XX:
-        tl.store(partials + row_xx * n_cols + col, tl.sum(acc_xx, axis=0))
+        tl.store(partials + row_xx * n_cols + col, _mta.block_sum(acc_xx, axis=0))
     if DO_YY:
-        tl.store(partials + row_yy * n_cols + col, tl.sum(acc_yy, axis=0))
+        tl.store(partials + row_yy * n_cols + col, _mta.block_sum(acc_yy, axis=0))
     if DO_XY:
-        tl.store(partials + row_xy * n_cols + col, tl.sum(acc_xy, axis=0))
+        tl.store(partials + row_xy * n_cols + col, _mta.block_sum(acc_xy, axis=0))
 
 
 _SCHEDULES: dict = {}

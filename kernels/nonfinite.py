@@ -31,8 +31,8 @@ def _nonfinite_kernel(table, work, flags, sq_parts, inv_ptr, X_DT: tl.constexpr,
     n = tl.load(row + 1)
     if UNSCALE:
         inv = tl.load(inv_ptr).to(tl.float32)
-    bad = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.full([BLOCK], 0.0, tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     start = c * (BLOCK * ITERS)
     if FULL:  # whole chunk in range: a mask the compiler can vectorize
         lim = start + BLOCK * ITERS
@@ -51,9 +51,9 @@ def _nonfinite_kernel(table, work, flags, sq_parts, inv_ptr, X_DT: tl.constexpr,
         bad = tl.maximum(bad, tl.where(ok, 0.0, 1.0))
         if SQ:  # as multi_dot's <x, x> partials (same order of operations)
             acc += xf * xf
-    tl.store(flags + col, tl.max(bad, axis=0))
+    tl.store(flags + col, _mta.block_max(bad, axis=0))
     if SQ:
-        tl.store(sq_parts + col, tl.sum(acc, axis=0))
+        tl.store(sq_parts + col, _mta.block_sum(acc, axis=0))
 
 
 def nonfinite_(lists, inv_scale=None, sq_norms=False) -> torch.Tensor:
