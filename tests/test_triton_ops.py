@@ -132,6 +132,40 @@ def test_empty_lists():
     T().lookahead_sync_([], [], 0.5)
 
 
+def test_interpreted_kernels_call_no_repatching_device_function():
+    """Under the interpreter, a jit device function called from a kernel as itself re-patches
+    triton.language at every call (~1.4 ms); the kernels call them through _mta.device_fn /
+    _mta.helper (tl.zeros as tl.full). Counted over one launch of every op, with the combine
+    kernel's d/v terms and device scalars in use."""
+    if ON_GPU:
+        pytest.skip("the interpreter's device-function calls")
+    from triton.runtime import interpreter
+    calls = []
+    orig = interpreter.InterpretedFunction.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.fn.__name__)
+        return orig(self, *args, **kwargs)
+    t = T()
+    sizes = [3, 1030]
+    masters, grads, coefs, state, v, vc = combine_inputs(sizes, torch.float32, DEVICE, "central", BaseStep(
+        "adamw", lr=1e-2, step=3))
+    params = [m.bfloat16() for m in masters]
+    x, y = randn(sizes, torch.float32, 1), randn(sizes, torch.bfloat16, 2)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(interpreter.InterpretedFunction, "__call__", counting)
+    try:
+        t.combine_step_(params, masters, grads, coefs, BaseStep("adamw", lr=1e-2, step=3), state, v, vc,
+                        torch.zeros(1, device=DEVICE), True)
+        t.multi_dot([x, y], [(0, 0), (0, 1)], True)
+        t.nonfinite_([x, y], torch.tensor(0.5, device=DEVICE), True)
+        t.perturb_(poison(sizes, torch.float32), x, x, 0.5)
+        t.lookahead_sync_(randn(sizes, torch.float32, 3), x, 0.5)
+    finally:
+        mp.undo()
+    assert calls == [], sorted(set(calls))
+
+
 # ----------------------------------------------------------------------------- GPU mode
 def _n_compiled(fn) -> int:
     caches = getattr(fn, "device_caches", None)
