@@ -452,6 +452,35 @@ def scalar_arg(x, device, dummy):
     return dummy, float(x), False
 
 
+# ----------------------------------------------------------------------------- kernel preamble
+@helper
+def work_item(table, work, ROW: tl.constexpr):
+    """This program's work item: its tensor's table row (ROW int64 slots), the chunk index
+    within the tensor and the partial-sum column."""
+    pid = tl.program_id(0).to(tl.int64)
+    return table + tl.load(work + 3 * pid) * ROW, tl.load(work + 3 * pid + 1), tl.load(work + 3 * pid + 2)
+
+
+@helper
+def slot(row, i, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Slot i of a table row as a pointer to DT; ALIGNED: every pointer of the launch is
+    16-byte aligned (the hint that gives whole chunks 128-bit loads)."""
+    ptr = tl.load(row + i).to(tl.pointer_type(DT))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@helper
+def chunk(c, n, FULL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """(first element, mask limit) of chunk c of a tensor of n elements. FULL: the whole
+    chunk is in range, and its end as the limit is a mask the compiler can vectorize."""
+    start = c * (BLOCK * ITERS)
+    if FULL:
+        return start, start + BLOCK * ITERS
+    return start, n
+
+
 # ----------------------------------------------------------------------------- second pass
 @triton.jit
 def segsum_kernel(src, dst, seg, n_src_cols, n_segs, ACC: tl.constexpr, BLOCK: tl.constexpr):

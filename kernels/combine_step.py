@@ -74,35 +74,16 @@ def _combine_kernel(
     # rounded once to float32 as the host floats are. VSQ: the program's sum of the new v's
     # squares goes to vsq_parts[col] (the v_sq_out pass fused: multi_dot's <v, v> partials,
     # same order of operations, so the same bits).
-    pid = tl.program_id(0).to(tl.int64)
-    r = tl.load(work + 3 * pid)
-    c = tl.load(work + 3 * pid + 1)
-    row = table + r * 9
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DT))
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-    w_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        w_ptr = tl.multiple_of(w_ptr, 16)
-    g0_ptr = tl.load(row + 2).to(tl.pointer_type(G0_DT))
-    if ALIGNED:
-        g0_ptr = tl.multiple_of(g0_ptr, 16)
-    gp_ptr = tl.load(row + 3).to(tl.pointer_type(GP_DT))
-    if ALIGNED:
-        gp_ptr = tl.multiple_of(gp_ptr, 16)
-    gm_ptr = tl.load(row + 4).to(tl.pointer_type(GM_DT))
-    if ALIGNED:
-        gm_ptr = tl.multiple_of(gm_ptr, 16)
-    v_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        v_ptr = tl.multiple_of(v_ptr, 16)
-    s1_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        s1_ptr = tl.multiple_of(s1_ptr, 16)
-    s2_ptr = tl.load(row + 7).to(tl.pointer_type(tl.float32))
-    if ALIGNED:
-        s2_ptr = tl.multiple_of(s2_ptr, 16)
-    n = tl.load(row + 8)
+    row, c, col = _mta.work_item(table, work, 9)
+    p_ptr = _mta.slot(row, 0, P_DT, ALIGNED)
+    w_ptr = _mta.slot(row, 1, tl.float32, ALIGNED)
+    g0_ptr = _mta.slot(row, 2, G0_DT, ALIGNED)
+    gp_ptr = _mta.slot(row, 3, GP_DT, ALIGNED)
+    gm_ptr = _mta.slot(row, 4, GM_DT, ALIGNED)
+    v_ptr = _mta.slot(row, 5, tl.float32, ALIGNED)
+    s1_ptr = _mta.slot(row, 6, tl.float32, ALIGNED)
+    s2_ptr = _mta.slot(row, 7, tl.float32, ALIGNED)
+    start, lim = _mta.chunk(c, tl.load(row + 8), FULL, BLOCK, ITERS)
     if HAS_SKIP:  # (integer arithmetic on the flag: the interpreter cannot AND a scalar into a mask)
         skip_i = (tl.load(skip_ptr) != 0.0).to(tl.int64)  # NaN: skipped too
         keep = skip_i == 0
@@ -121,11 +102,6 @@ def _combine_kernel(
         ap = _scalar(ap_ptr, ap_val, AP_PTR)
         am = _scalar(am_ptr, am_val, AM_PTR)
     vsq = tl.full([BLOCK], 0.0, tl.float32)
-    start = c * (BLOCK * ITERS)
-    if FULL:  # whole chunk in range: a mask the compiler can vectorize
-        lim = start + BLOCK * ITERS
-    else:
-        lim = n
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < lim
@@ -200,7 +176,7 @@ def _combine_kernel(
             w = tl.where(keep, w, w_old)
         tl.store(p_ptr + offs, w.to(P_DT), mask=m)
     if VSQ:
-        tl.store(vsq_parts + tl.load(work + 3 * pid + 2), _mta.block_sum(vsq, axis=0))
+        tl.store(vsq_parts + col, _mta.block_sum(vsq, axis=0))
 
 
 def _present(coef, lst) -> bool:

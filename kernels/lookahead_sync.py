@@ -21,22 +21,10 @@ def _sync_kernel(table, work, alpha, skip_ptr,
                  HAS_P: tl.constexpr, HAS_SKIP: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # HAS_SKIP: skip_ptr is skip_if (float32, one element): nonzero stores nothing
-    pid = tl.program_id(0).to(tl.int64)
-    r = tl.load(work + 3 * pid)
-    c = tl.load(work + 3 * pid + 1)
-    row = table + r * 4
-    slow_ptr = tl.load(row + 0).to(tl.pointer_type(SLOW_DT))
-    if ALIGNED:
-        slow_ptr = tl.multiple_of(slow_ptr, 16)
-    fast_ptr = tl.load(row + 1).to(tl.pointer_type(FAST_DT))
-    if ALIGNED:
-        fast_ptr = tl.multiple_of(fast_ptr, 16)
-    n = tl.load(row + 3)
-    start = c * (BLOCK * ITERS)
-    if FULL:  # whole chunk in range: a mask the compiler can vectorize
-        lim = start + BLOCK * ITERS
-    else:
-        lim = n
+    row, c, _ = _mta.work_item(table, work, 4)
+    slow_ptr = _mta.slot(row, 0, SLOW_DT, ALIGNED)
+    fast_ptr = _mta.slot(row, 1, FAST_DT, ALIGNED)
+    start, lim = _mta.chunk(c, tl.load(row + 3), FULL, BLOCK, ITERS)
     if HAS_SKIP:  # nothing in range when set (NaN too): integer arithmetic, as in combine_step
         lim = lim * (1 - (tl.load(skip_ptr) != 0.0).to(tl.int64))
     for it in range(ITERS):
@@ -49,9 +37,7 @@ def _sync_kernel(table, work, alpha, skip_ptr,
         tl.store(slow_ptr + offs, s.to(SLOW_DT), mask=m)
         tl.store(fast_ptr + offs, s.to(FAST_DT), mask=m)
         if HAS_P:
-            p_ptr = tl.load(row + 2).to(tl.pointer_type(P_DT))
-            if ALIGNED:
-                p_ptr = tl.multiple_of(p_ptr, 16)
+            p_ptr = _mta.slot(row, 2, P_DT, ALIGNED)
             tl.store(p_ptr + offs, s.to(P_DT), mask=m)
 
 

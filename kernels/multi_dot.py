@@ -21,27 +21,14 @@ def _dot_kernel(table, work, partials, n_cols, row_xx, row_yy, row_xy,
                 DO_XX: tl.constexpr, DO_YY: tl.constexpr, DO_XY: tl.constexpr,
                 FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    r = tl.load(work + 3 * pid)
-    c = tl.load(work + 3 * pid + 1)
-    col = tl.load(work + 3 * pid + 2)
-    row = table + r * 3
-    x_ptr = tl.load(row + 0).to(tl.pointer_type(X_DT))
-    if ALIGNED:
-        x_ptr = tl.multiple_of(x_ptr, 16)
-    n = tl.load(row + 2)
+    row, c, col = _mta.work_item(table, work, 3)
+    x_ptr = _mta.slot(row, 0, X_DT, ALIGNED)
     if HAS_Y:
-        y_ptr = tl.load(row + 1).to(tl.pointer_type(Y_DT))
-        if ALIGNED:
-            y_ptr = tl.multiple_of(y_ptr, 16)
+        y_ptr = _mta.slot(row, 1, Y_DT, ALIGNED)
+    start, lim = _mta.chunk(c, tl.load(row + 2), FULL, BLOCK, ITERS)
     acc_xx = tl.full([BLOCK], 0.0, tl.float32)
     acc_yy = tl.full([BLOCK], 0.0, tl.float32)
     acc_xy = tl.full([BLOCK], 0.0, tl.float32)
-    start = c * (BLOCK * ITERS)
-    if FULL:  # whole chunk in range: a mask the compiler can vectorize
-        lim = start + BLOCK * ITERS
-    else:
-        lim = n
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < lim

@@ -20,24 +20,13 @@ from . import _mta
 def _nonfinite_kernel(table, work, flags, sq_parts, inv_ptr, X_DT: tl.constexpr, UNSCALE: tl.constexpr,
                       SQ: tl.constexpr, FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    r = tl.load(work + 3 * pid)
-    c = tl.load(work + 3 * pid + 1)
-    col = tl.load(work + 3 * pid + 2)
-    row = table + r * 2
-    x_ptr = tl.load(row + 0).to(tl.pointer_type(X_DT))
-    if ALIGNED:
-        x_ptr = tl.multiple_of(x_ptr, 16)
-    n = tl.load(row + 1)
+    row, c, col = _mta.work_item(table, work, 2)
+    x_ptr = _mta.slot(row, 0, X_DT, ALIGNED)
+    start, lim = _mta.chunk(c, tl.load(row + 1), FULL, BLOCK, ITERS)
     if UNSCALE:
         inv = tl.load(inv_ptr).to(tl.float32)
     bad = tl.full([BLOCK], 0.0, tl.float32)
     acc = tl.full([BLOCK], 0.0, tl.float32)
-    start = c * (BLOCK * ITERS)
-    if FULL:  # whole chunk in range: a mask the compiler can vectorize
-        lim = start + BLOCK * ITERS
-    else:
-        lim = n
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < lim

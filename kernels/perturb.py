@@ -18,37 +18,21 @@ def _perturb_kernel(table, work, scale_ptr, scale_val,
                     BACKUP_DT: tl.constexpr, HAS_BACKUP: tl.constexpr, SCALE_PTR: tl.constexpr,
                     FULL: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    r = tl.load(work + 3 * pid)
-    c = tl.load(work + 3 * pid + 1)
-    row = table + r * 5
-    out_ptr = tl.load(row + 0).to(tl.pointer_type(OUT_DT))
-    if ALIGNED:
-        out_ptr = tl.multiple_of(out_ptr, 16)
-    base_ptr = tl.load(row + 1).to(tl.pointer_type(BASE_DT))
-    if ALIGNED:
-        base_ptr = tl.multiple_of(base_ptr, 16)
-    dir_ptr = tl.load(row + 2).to(tl.pointer_type(DIR_DT))
-    if ALIGNED:
-        dir_ptr = tl.multiple_of(dir_ptr, 16)
-    n = tl.load(row + 4)
+    row, c, _ = _mta.work_item(table, work, 5)
+    out_ptr = _mta.slot(row, 0, OUT_DT, ALIGNED)
+    base_ptr = _mta.slot(row, 1, BASE_DT, ALIGNED)
+    dir_ptr = _mta.slot(row, 2, DIR_DT, ALIGNED)
+    start, lim = _mta.chunk(c, tl.load(row + 4), FULL, BLOCK, ITERS)
     if SCALE_PTR:
         scale = tl.load(scale_ptr).to(tl.float32)
     else:
         scale = scale_val
-    start = c * (BLOCK * ITERS)
-    if FULL:  # whole chunk in range: a mask the compiler can vectorize
-        lim = start + BLOCK * ITERS
-    else:
-        lim = n
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         m = offs < lim
         b = tl.load(base_ptr + offs, mask=m, other=0.0)
         if HAS_BACKUP:
-            bk_ptr = tl.load(row + 3).to(tl.pointer_type(BACKUP_DT))
-            if ALIGNED:
-                bk_ptr = tl.multiple_of(bk_ptr, 16)
+            bk_ptr = _mta.slot(row, 3, BACKUP_DT, ALIGNED)
             b = b.to(BACKUP_DT)
             tl.store(bk_ptr + offs, b, mask=m)
         d = tl.load(dir_ptr + offs, mask=m, other=0.0).to(tl.float32)

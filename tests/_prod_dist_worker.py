@@ -39,6 +39,7 @@ def check_ddp_equivalence(rank, world, out):
     import lookahead_ext as la
     from lookahead_ext.distributed import DistributedProbes
     from torch.nn.parallel import DistributedDataParallel as DDP
+    from _prod_util import accumulated_loss
 
     x, y = full_data()
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -58,12 +59,7 @@ def check_ddp_equivalence(rank, world, out):
     for _ in range(STEPS):
         for probe in dp.probes():
             probe_points.append([p.detach().clone() for p in model.parameters()])
-            tot = 0.0
-            for xb, yb in zip(xs.chunk(2), ys.chunk(2)):
-                loss = F.mse_loss(model(xb), yb) / 2
-                loss.backward()
-                tot = tot + loss.detach()
-            probe.loss = tot
+            probe.loss = accumulated_loss(model, xs, ys, 2)
         losses.append(opt.last_loss.clone())
     out["ddp"] = dict(params=[p.detach().clone() for p in model.parameters()],
                       probe_points=probe_points, losses=losses, evals=opt.num_evals,

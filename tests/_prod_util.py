@@ -20,6 +20,17 @@ def data(n=16, seed=1):
     return torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
 
 
+def accumulated_loss(model, x, y, n: int):
+    """Gradient accumulation inside one probe: the MSE of ``model`` on (x, y) as ``n`` equal
+    micro-batches, each backward()-ed with weight 1/n; returns the summed (detached) loss."""
+    tot = 0.0
+    for xb, yb in zip(x.chunk(n), y.chunk(n)):
+        loss = torch.nn.functional.mse_loss(model(xb), yb) / n
+        loss.backward()
+        tot = tot + loss.detach()
+    return tot
+
+
 def flat_state(opt):
     """Every tensor of an optimizer's state dict (cloned) plus the non-tensor leaves, so that
     two snapshots can be compared bit for bit. Engine counters are left out."""

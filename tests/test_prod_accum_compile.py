@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lookahead_ext as la
 from lookahead_ext.batchnorm import apply_batchnorm_mode
-from _prod_util import FAMILY, FAMILY_IDS, data, mlp
+from _prod_util import FAMILY, FAMILY_IDS, accumulated_loss, data, mlp
 
 
 @pytest.mark.parametrize("cls,kw", FAMILY, ids=FAMILY_IDS)
@@ -19,12 +19,7 @@ def test_accumulation_equals_one_big_batch(cls, kw):
     for _ in range(4):
         o_big.step(lambda: F.mse_loss(big(x), y).backward())
         for probe in o_acc.probes():            # 4 micro-batches of 8 per probe
-            tot = 0.0
-            for xb, yb in zip(x.chunk(4), y.chunk(4)):
-                loss = F.mse_loss(acc(xb), yb) / 4
-                loss.backward()
-                tot = tot + loss.detach()
-            probe.loss = tot
+            probe.loss = accumulated_loss(acc, x, y, 4)
     for a, b in zip(big.parameters(), acc.parameters()):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
     assert not torch.allclose(next(big.parameters()), next(mlp().parameters()))
