@@ -169,14 +169,16 @@ class Plan:
     _scratch: dict = field(default_factory=dict)
 
     def scratch(self, rows: int) -> torch.Tensor:
-        """float32 [rows, n_cols], owned by the plan: per-program partials that a call
-        reduces before it returns (no allocation per call). One buffer per stream: calls
-        on one stream run in order; calls on two streams get their own."""
+        """float32 [rows, n_cols]: per-program partials that a call reduces before it
+        returns, a view of one buffer per (device, stream) that every plan shares (calls on
+        one stream run in order; calls on two streams get their own): a new plan (e.g. for
+        gradients at new addresses) allocates none."""
         dev = self.seg.device
         key = (rows, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None)
         buf = self._scratch.get(key)
         if buf is None:
-            buf = self._scratch[key] = torch.empty(rows, max(self.n_cols, 1), dtype=torch.float32, device=dev)
+            n = rows * max(self.n_cols, 1)
+            buf = self._scratch[key] = _shared_scratch(dev, key[1], n)[:n].view(rows, max(self.n_cols, 1))
         return buf
 
     def scratch_rows(self, rows: int) -> tuple:
@@ -238,10 +240,22 @@ _CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()
 CACHE_SIZE = 64
 
 
+_SCRATCH: dict = {}  # (device, stream) -> the float32 buffer of Plan.scratch (grown as needed)
+
+
+def _shared_scratch(device: torch.device, stream, n: int) -> torch.Tensor:
+    buf = _SCRATCH.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[(device, stream)] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())),
+                                                       dtype=torch.float32, device=device)
+    return buf
+
+
 def cache_clear() -> None:
     """Forget every cached plan and column (PlanLists re-check on their next use)."""
     _CACHE.clear()
     _COLUMNS.clear()
+    _SCRATCH.clear()
 
 
 def plan(slots: Sequence[Optional[Sequence[torch.Tensor]]], device: torch.device,
@@ -483,9 +497,11 @@ def chunk(c, n, FULL: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
 
 # ----------------------------------------------------------------------------- second pass
 @triton.jit
-def segsum_kernel(src, dst, seg, n_src_cols, n_segs, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def segsum_kernel(src, dst, seg, n_src_cols, n_segs, skip_ptr, ACC: tl.constexpr, HAS_SKIP: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """dst[row, s] (+)= sum(src[row, seg[s]:seg[s+1]]) in a fixed order (row = axis 1);
-    ACC: add to dst (float32) instead of overwriting it."""
+    ACC: add to dst (float32) instead of overwriting it; HAS_SKIP: dst keeps its value when
+    the float32 flag at skip_ptr is nonzero (NaN too)."""
     s = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     start = tl.load(seg + s)
@@ -496,7 +512,10 @@ def segsum_kernel(src, dst, seg, n_src_cols, n_segs, ACC: tl.constexpr, BLOCK: t
         acc += tl.load(src + row * n_src_cols + idx, mask=idx < end, other=0.0)
     total = block_sum(acc, axis=0)
     if ACC:
-        total = tl.load(dst + row * n_segs + s) + total
+        old = tl.load(dst + row * n_segs + s)
+        total = old + total
+        if HAS_SKIP:
+            total = tl.where(tl.load(skip_ptr) != 0.0, old, total)
     tl.store(dst + row * n_segs + s, total)
 
 
@@ -516,7 +535,7 @@ def segsum(src: torch.Tensor, seg: torch.Tensor, n_segs: int) -> torch.Tensor:
     dst = torch.empty(R, n_segs, dtype=torch.float32, device=src.device)
     if R == 0 or n_segs == 0:
         return dst
-    segsum_kernel[(n_segs, R)](src, dst, seg, C, n_segs, ACC=False, BLOCK=CONFIG.seg_block,
+    segsum_kernel[(n_segs, R)](src, dst, seg, C, n_segs, seg, ACC=False, HAS_SKIP=False, BLOCK=CONFIG.seg_block,
                                num_warps=CONFIG.num_warps,
                                enable_fp_fusion=CONFIG.fp_fusion)
     return dst

@@ -251,11 +251,7 @@ def combine_step_(params, masters, grads, coefs, base, base_state, v=None, v_coe
                 HAS_SKIP=skip is not None, DEV_BASE=base_t is not None, VSQ=vsq,
                 FULL=full, ALIGNED=g.aligned, BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion, **flags)
     prep.finish()
-    if vsq:
-        if skip is None:  # v_sq_out += ||v||^2, in place
-            _mta.segsum_kernel[(1, 1)](vsq_parts, v_sq_out, p.total, vsq_parts.shape[1], 1, ACC=True,
-                                       BLOCK=cfg.seg_block, num_warps=cfg.num_warps,
-                                       enable_fp_fusion=cfg.fp_fusion)
-        else:  # unchanged bits when skipped (a select on the device)
-            total = _mta.segsum(vsq_parts, p.total, 1).reshape(v_sq_out.shape)
-            v_sq_out.copy_(torch.where(skip.reshape(()) != 0, v_sq_out, v_sq_out + total))
+    if vsq:  # v_sq_out += ||v||^2 in place (unchanged bits when skipped: a select on the device)
+        _mta.segsum_kernel[(1, 1)](vsq_parts, v_sq_out, p.total, vsq_parts.shape[1], 1,
+                                   p.total if skip is None else skip, ACC=True, HAS_SKIP=skip is not None,
+                                   BLOCK=cfg.seg_block, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)

@@ -45,10 +45,12 @@ def _nonfinite_kernel(table, work, flags, sq_parts, inv_ptr, X_DT: tl.constexpr,
         tl.store(sq_parts + col, _mta.block_sum(acc, axis=0))
 
 
-def nonfinite_(lists, inv_scale=None, sq_norms=False) -> torch.Tensor:
+def nonfinite_(lists, inv_scale=None, sq_norms=False, out=None) -> torch.Tensor:
+    """``out``: a tensor of the result's dtype and shape to write it into (one list, or no norms)."""
     if sq_norms and len(lists) == 1:
-        return _nonfinite(lists[0], inv_scale, True)
-    flag = _nonfinite(lists[0] if len(lists) == 1 else [t for lst in lists for t in lst], inv_scale, False)
+        return _nonfinite(lists[0], inv_scale, True, out)
+    flag = _nonfinite(lists[0] if len(lists) == 1 else [t for lst in lists for t in lst], inv_scale, False,
+                      None if sq_norms else out)
     if not sq_norms:
         return flag
     from .multi_dot import multi_dot
@@ -56,21 +58,22 @@ def nonfinite_(lists, inv_scale=None, sq_norms=False) -> torch.Tensor:
     for lst in lists:
         parts.append(multi_dot([lst], [(0, 0)]) if len(lst) else
                      torch.zeros(1, dtype=torch.float32, device=flag.device))
-    return torch.cat(parts)
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
-def _nonfinite(flat, inv_scale, sq: bool) -> torch.Tensor:
+def _nonfinite(flat, inv_scale, sq: bool, out=None) -> torch.Tensor:
     """The check of one list (a PlanList keeps its checked column): a 0-d flag, or with
     `sq` [flag, sum of squares] (float32 [2]) from the same pass."""
     shape = 2 if sq else ()
     if not flat:
-        return torch.zeros(shape, dtype=torch.float32)
+        return torch.zeros(shape, dtype=torch.float32) if out is None else out.zero_()
     device = flat[0].device
     prep = _mta.Prepared([flat], writes=(0,) if inv_scale is not None else ())
     p = prep.plan()
     if p.n_cols == 0:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-    out = torch.empty(shape, dtype=torch.float32, device=device)  # both entries written below
+        return torch.zeros(shape, dtype=torch.float32, device=device) if out is None else out.zero_()
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=device)  # both entries written below
     unscale = inv_scale is not None
     if unscale:
         if inv_scale.device != device:
@@ -89,6 +92,7 @@ def _nonfinite(flat, inv_scale, sq: bool) -> torch.Tensor:
     prep.finish()
     _mta.segmax_kernel[(1,)](flags, out, p.n_cols, BLOCK=cfg.seg_block, num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)
     if sq:
-        _mta.segsum_kernel[(1, 1)](sq_parts, out[1:], p.total, p.n_cols, 1, ACC=False, BLOCK=cfg.seg_block,
+        _mta.segsum_kernel[(1, 1)](sq_parts, out[1:], p.total, p.n_cols, 1, p.total, ACC=False, HAS_SKIP=False,
+                                   BLOCK=cfg.seg_block,
                                    num_warps=cfg.num_warps, enable_fp_fusion=cfg.fp_fusion)
     return out

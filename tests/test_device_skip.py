@@ -15,6 +15,7 @@ import torch
 import lookahead_ext as la
 from lookahead_ext import amp
 from conftest import mse_closure, small_batch, small_model
+from op_db import present_rows
 from optim_db import optim_db
 
 _FAMILY = ("CMLR", "CMLR_k4", "CMLR_adamw", "FMLR", "FMLR_plain_k5", "SAM", "SAM_adamw", "CLR",
@@ -374,50 +375,96 @@ def test_lookahead_wrapper_around_device_mode():
     assert runs[1][1].optimizer.num_skipped == 2
 
 
-def test_runtime_allocations_per_step_do_not_grow():
-    """Part 3, measured: the tensors the runtime itself (lookahead_ext/optim) allocates per
-    step in the device-flag mode, counted with a TorchDispatchMode over steps 2+ (closure
-    excluded), are the same number every step (small 0-d scalars and the fused checks'
-    outputs; not zero: docs/gpu.md, "A capturable step")."""
-    import os
-    import sys
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-    optim_dir = os.path.dirname(sys.modules["lookahead_ext.optim.runtime"].__file__)
+class _Allocations:
+    """Counts the tensors that lookahead_ext's own code (the runtime, the ops, the Triton
+    kernels' host side) creates, by op, under a TorchDispatchMode: a result whose storage is
+    none of the op's inputs'. The Triton interpreter's host copies of kernel arguments are
+    not counted (a compiled launch makes none)."""
 
-    class Allocs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.on, self.n = False, 0
+    def __init__(self):
+        import os
+        import sys
+        import lookahead_ext.kernels as kernels
+        self.roots = (os.path.dirname(la.__file__), os.path.dirname(kernels.__file__))
+        self.sys = sys
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if self.on:
-                f = sys._getframe(1)
-                while f is not None and not f.f_code.co_filename.startswith(os.path.dirname(optim_dir)):
-                    f = f.f_back
-                if f is not None and f.f_code.co_filename.startswith(optim_dir):
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if outer.on and outer._ours():
                     ins = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
                            if isinstance(a, torch.Tensor)}
-                    self.n += sum(1 for o in tree_leaves(out) if isinstance(o, torch.Tensor)
-                                  and o.untyped_storage().data_ptr() not in ins)
-            return out
+                    n = sum(1 for o in tree_leaves(out) if isinstance(o, torch.Tensor)
+                            and o.untyped_storage().data_ptr() not in ins)
+                    if n:
+                        outer.counts[-1][str(func)] += n
+                return out
+        self.on, self.counts, self.mode = False, [], Mode()
+        self.mode.__enter__()
+        return self
 
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    def _ours(self) -> bool:
+        f, ours = self.sys._getframe(2), False
+        while f is not None:
+            name = f.f_code.co_filename
+            if "triton/runtime/interpreter" in name:
+                return False
+            ours = ours or name.startswith(self.roots)
+            f = f.f_back
+        return ours
+
+
+def count_step_allocations(info, backend, dtype=torch.float32, steps=4, **extra):
+    """Per step, a Counter {op: tensors created} of the optimizer's own code in the
+    device-flag mode (the closure's forward/backward excluded)."""
+    import collections
+    model = small_model(dtype)
+    closure = mse_closure(model, *small_batch(dtype))
+    opt = info.cls(model.parameters(), backend=backend, device_skip=True, **{**info.kwargs, **extra})
+    with _Allocations() as a:
+        for _ in range(steps):
+            a.counts.append(collections.Counter())
+            a.on = True
+            for probe in opt.probes():
+                a.on = False
+                probe.loss = closure()
+                a.on = True
+            a.on = False
+    return a.counts
+
+
+ALLOC_CASES = [("SAM", {}), ("SAM_adamw", {}), ("CMLR", {}), ("CMLR_adamw", dict(max_grad_norm=0.5)),
+               ("FMLR", {}), ("CR", {}), ("LR", {})]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,extra", ALLOC_CASES, ids=[n for n, _ in ALLOC_CASES])
+@pytest.mark.parametrize("backend", [r.backend for r in present_rows() if r.backend in ("triton", "native")])
+def test_device_step_allocates_nothing_after_the_first(backend, name, extra, dtype):
+    """Part 3: from the second step on, a device-flag step creates no tensor: every value
+    goes into a persistent buffer (docs/gpu.md, "A capturable step"). The native backend's
+    nonfinite_ returns a new tensor from the C++ op (one per probe): the one exception."""
+    if dtype != torch.float32 and dtype not in INFO[name].dtypes:
+        pytest.skip(f"{name} is tested in float32")
+    counts = count_step_allocations(INFO[name], backend, dtype, **extra)
+    assert counts[0], "the first step creates the buffers (the count can see them)"
+    for step, c in enumerate(counts[1:], 1):
+        if backend == "native":
+            c.pop("lookahead_ext.nonfinite_.default", None)
+        assert not c, f"step {step}: {dict(c)}"
+
+
+def test_reference_backend_allocations_per_step_do_not_grow():
+    """The reference ops compute with torch's out-of-place ops (the oracle, not a fast path):
+    the same number of tensors every step from the second on."""
     for name in ("SAM", "CMLR"):
-        info = INFO[name]
-        model = small_model()
-        closure = mse_closure(model, *small_batch())
-        opt = info.cls(model.parameters(), backend="reference", device_skip=True, **info.kwargs)
-        counts = []
-        mode = Allocs()
-        with mode:
-            for step in range(6):
-                mode.n, mode.on = 0, True
-                for probe in opt.probes():
-                    mode.on = False
-                    probe.loss = closure()
-                    mode.on = True
-                mode.on = False
-                counts.append(mode.n)
-        assert len(set(counts[2:])) == 1, counts
-        assert counts[2] > 0  # what is left to do for a step without allocations
+        counts = [sum(c.values()) for c in count_step_allocations(INFO[name], "reference", steps=5)]
+        assert len(set(counts[1:])) == 1, counts

@@ -94,6 +94,39 @@ def test_conformance(backend, size, op, dtype):
         run_sample(impl, op.name, sample, backend)
 
 
+# ----------------------------------------------------------------------------- nonfinite_(out=)
+@pytest.mark.parametrize("sq_norms", [False, True], ids=["flag", "sq_norms"])
+def test_nonfinite_out_is_the_result(backend, sq_norms):
+    """nonfinite_(..., out=) writes the result into ``out`` and returns it, with the bits of
+    the call without ``out`` (and the same unscaled tensors); a wrong ``out`` is refused
+    before anything is written."""
+    from op_db import make
+    dev = backend.device
+    for bad in (False, True):
+        for inv in (None, 0.5):
+            lists = [make([7, 1030, 0, 33], torch.bfloat16, dev, seed=1), make([5, 2], torch.float32, dev, seed=2)]
+            if bad:
+                lists[0][1][1029] = float("inf")
+            twin = [[t.clone() for t in lst] for lst in lists]
+            scale = None if inv is None else torch.tensor(inv, device=dev)
+            want = ops.nonfinite_(twin, scale, sq_norms, backend=backend.backend)
+            out = torch.full(want.shape, float("nan"), device=dev)
+            got = ops.nonfinite_(lists, scale, sq_norms, backend=backend.backend, out=out)
+            assert got is out and torch.equal(out, want), (bad, inv, out, want)
+            assert all(torch.equal(a, b) for la_, lb in zip(lists, twin) for a, b in zip(la_, lb))
+    lists = [make([7, 33], torch.float32, dev, seed=3)]
+    before = [t.clone() for t in lists[0]]
+    shape = (2,) if sq_norms else ()
+    wrong = {"dtype": torch.zeros(shape, dtype=torch.float64, device=dev),
+             "shape": torch.zeros((3,), device=dev),
+             "device": torch.zeros(shape, device="meta"),
+             "aliasing": lists[0][1].view(-1)[:2] if sq_norms else lists[0][1].view(-1)[0]}
+    for what, out in wrong.items():
+        with pytest.raises(ValueError, match="nonfinite_"):
+            ops.nonfinite_(lists, torch.tensor(2.0, device=dev), sq_norms, backend=backend.backend, out=out)
+        assert all(torch.equal(a, b) for a, b in zip(lists[0], before)), what
+
+
 # ----------------------------------------------------------------------------- argument errors
 def test_argument_errors_alike(backend):
     """The row's backend and the reference reject the same bad arguments, with the same message,

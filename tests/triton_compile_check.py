@@ -98,7 +98,8 @@ def variants():
                dict(tbl, flags=PF32, sq_parts=PF32, inv_ptr=PF32),
                dict(X_DT=tl.float16, UNSCALE=True, SQ=True, **fa), full and aligned)
     yield ("segsum", _mta.segsum_kernel,
-           dict(src=PF32, dst=PF32, seg=PI64, n_src_cols="i64", n_segs="i64"), dict(ACC=True, BLOCK=1024), False)
+           dict(src=PF32, dst=PF32, seg=PI64, n_src_cols="i64", n_segs="i64", skip_ptr=PF32),
+           dict(ACC=True, HAS_SKIP=True, BLOCK=1024), False)
     yield ("segmax", _mta.segmax_kernel, dict(src=PF32, dst=PF32, n="i64"), dict(BLOCK=1024), False)
 
 

@@ -16,9 +16,11 @@ the same signatures and is tested against the reference):
   have the masters' dtype: float32 params whose masters are scratch backups).
 - ``lookahead_sync_(slow, fast, alpha, params=None, skip_if=None)``: slow += alpha(fast - slow),
   fast = slow; a nonzero ``skip_if`` writes nothing.
-- ``nonfinite_(lists, inv_scale=None, sq_norms=False)``: fused NaN/Inf check with optional
-  AMP unscale; ``sq_norms=True`` returns [flag, ||lists[0]||^2, ...] (float32 [1 + len]) from
-  the same read of the data.
+- ``nonfinite_(lists, inv_scale=None, sq_norms=False, out=None)``: fused NaN/Inf check with
+  optional AMP unscale; ``sq_norms=True`` returns [flag, ||lists[0]||^2, ...] (float32 [1 + len])
+  from the same read of the data. ``out``: a tensor of the result's dtype and shape, on the
+  lists' device, that the result is written into and returned (the Triton kernels write it
+  directly: no allocation per call).
 
 Backends (docs/backends.md): "reference" (pure PyTorch, the oracle), "native" (the compiled
 csrc/ extension: CPU kernels, CUDA kernels when built; "cpp" and "cuda" are accepted aliases
@@ -42,6 +44,7 @@ from . import backend as _registry
 from . import reference
 from .backend import Backend, BackendUnavailable
 from .base_step import ADAMW, BASES, SGD, BaseStep
+from .helpers import check_nonfinite_out
 
 __all__ = [
     "BACKENDS", "AUTO_CPU_ORDER", "AUTO_CUDA_ORDER", "Backend", "BackendUnavailable", "BaseStep", "SGD",
@@ -192,5 +195,12 @@ def lookahead_sync_(slow, fast, alpha: float, params=None, skip_if: Optional[Ten
 
 
 def nonfinite_(lists, inv_scale: Optional[Tensor] = None, sq_norms: bool = False,
-               backend: str = "auto") -> Tensor:
-    return _impl(backend, _first(*lists)).nonfinite_(lists, inv_scale, sq_norms)
+               backend: str = "auto", out: Optional[Tensor] = None) -> Tensor:
+    impl = _impl(backend, _first(*lists))
+    if out is None:
+        return impl.nonfinite_(lists, inv_scale, sq_norms)
+    check_nonfinite_out(lists, sq_norms, out)
+    into = getattr(impl, "nonfinite_into", None)  # a backend that writes out itself
+    if into is not None:
+        return into(lists, inv_scale, sq_norms, out)
+    return out.copy_(impl.nonfinite_(lists, inv_scale, sq_norms))

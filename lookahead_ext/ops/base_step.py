@@ -39,7 +39,7 @@ boundary.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -85,6 +85,8 @@ class BaseStep:
             tensor (nonzero: True).
         step: AdamW: the step count after this update (>= 1): an int, or a 0-d tensor (not
             checked on the host).
+        args: with tensor fields, a float64 tensor of ``n_device_args`` elements that
+            `device_args()` writes into (a persistent buffer: no allocation per step).
     """
     kind: str = SGD
     lr: Union[float, Tensor] = 1e-3
@@ -99,6 +101,7 @@ class BaseStep:
     beta2: float = 0.999
     eps: float = 1e-8
     step: Union[int, Tensor] = 1  # AdamW: step count after this update (>= 1)
+    args: Optional[Tensor] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.kind not in BASES:
@@ -164,8 +167,8 @@ class BaseStep:
                        first=False if isinstance(self.first, Tensor) else self.first)
 
     def device_entries(self, device) -> list:
-        """The entries of `device_args` (module docstring): host floats, or float64 0-d
-        tensors on `device` computed from the tensor fields with torch ops (no host read)."""
+        """The entries of `device_args` as the reference backend uses them: host floats, or
+        float64 0-d tensors on `device` computed from the tensor fields with torch ops."""
         lr = _f64(self.lr, device)
         if self.kind == ADAMW:
             step = _f64(self.step, device)
@@ -177,22 +180,61 @@ class BaseStep:
         first = (self.first != 0).to(torch.float64) if isinstance(self.first, Tensor) else float(bool(self.first))
         return [lr, self.weight_decay, self.momentum, self.dampening, float(bool(self.nesterov)), first]
 
+    @property
+    def n_device_args(self) -> int:
+        """The number of entries of `device_args()` (module docstring)."""
+        return 9 if self.kind == ADAMW else 6
+
     def device_args(self, device=None, out: Optional[Tensor] = None) -> Tensor:
         """ONE float64 tensor on `device` (default: the tensor fields' device) with the
-        kernels' scalars in KernelArgs' order (module docstring), written with device ops
-        only (fill_: no host read, no host-to-device copy). ``out``: a float64 tensor of
-        ``len(hyper) + 2`` elements to write into (a persistent buffer for graph capture)."""
+        kernels' scalars in KernelArgs' order (module docstring), written with in-place
+        device ops only (no host read, no host-to-device copy, no temporary tensor).
+        ``out`` (default: the ``args`` field): a float64 tensor of ``n_device_args``
+        elements to write into; without either, a new one."""
         device = torch.device(device) if device is not None else (self.device() or torch.device("cpu"))
-        entries = self.device_entries(device)
+        n = self.n_device_args
+        out = self.args if out is None else out
         if out is None:
-            out = torch.empty(len(entries), dtype=torch.float64, device=device)
-        elif out.dtype != torch.float64 or out.numel() != len(entries) or out.device != device:
-            raise ValueError(f"BaseStep.device_args: out must be a float64 tensor of {len(entries)} elements on "
+            out = torch.empty(n, dtype=torch.float64, device=device)
+        elif out.dtype != torch.float64 or out.numel() != n or out.device != device:
+            raise ValueError(f"BaseStep.device_args: out must be a float64 tensor of {n} elements on "
                              f"{device}, got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
-        flat = out.view(-1)
-        for i, x in enumerate(entries):
-            flat[i].fill_(x)
+        e = out.view(-1).unbind(0)
+        _put(e[0], self.lr)
+        if self.kind == ADAMW:
+            # entries 7 and 8 (zero in the end) hold the step and 1 - beta**step meanwhile
+            step, bc = e[8], e[7]
+            _put(step, self.step)
+            if isinstance(self.lr, Tensor):
+                e[0].mul_(self.weight_decay).neg_().add_(1.0)   # 1 - lr*wd (1 + -x is 1 - x exactly)
+            else:
+                e[0].fill_(1.0 - self.lr * self.weight_decay)
+            for i, x in ((1, 1.0 - self.beta1), (2, self.beta2), (3, 1.0 - self.beta2), (4, self.eps)):
+                e[i].fill_(x)
+            bc.fill_(self.beta1).pow_(step).neg_().add_(1.0)    # bias_correction1
+            _put(e[5], self.lr).div_(bc)                        # lr / bias_correction1
+            bc.fill_(self.beta2).pow_(step).neg_().add_(1.0)    # bias_correction2
+            # its square root as pow(x, 0.5) with a tensor exponent (a scalar 0.5 is sqrt)
+            torch.pow(bc, e[6].fill_(0.5), out=e[6])
+            bc.zero_()
+            step.zero_()
+            return out
+        for i, x in ((1, self.weight_decay), (2, self.momentum), (3, self.dampening),
+                     (4, float(bool(self.nesterov)))):
+            e[i].fill_(x)
+        if isinstance(self.first, Tensor):
+            e[5].copy_(self.first.detach().reshape(())).ne_(0.0)
+        else:
+            e[5].fill_(float(bool(self.first)))
         return out
+
+
+def _put(slot: Tensor, x) -> Tensor:
+    """slot <- x (a tensor field: its value as a float64, exact for float32/int values; a
+    host number: the host path's double)."""
+    if isinstance(x, Tensor):
+        return slot.copy_(x.detach().reshape(()))
+    return slot.fill_(float(x))
 
 
 def _f64(x, device):

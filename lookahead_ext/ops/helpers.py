@@ -298,3 +298,20 @@ def check_nonfinite_aliasing(lists, inv_scale) -> None:
     if inv_scale is not None:
         check_aliasing("nonfinite_", [(f"lists[{k}]", lst) for k, lst in enumerate(lists)],
                        (("inv_scale", inv_scale),))
+
+
+def check_nonfinite_out(lists, sq_norms: bool, out) -> None:
+    """nonfinite_'s ``out``: the result's dtype (float32; float64 if any input is) and shape
+    (() or [1 + len(lists)] with sq_norms) on the inputs' device, sharing no memory with them.
+    The runtime's own calls (trust_engine_calls) are not checked: O(tensors) on the host."""
+    if getattr(_ENGINE, "trusted", False):
+        return
+    flat = [t for lst in lists for t in lst]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat) else torch.float32
+    shape = (1 + len(lists),) if sq_norms else ()
+    device = flat[0].device if flat else out.device
+    if not isinstance(out, torch.Tensor) or out.dtype != dtype or tuple(out.shape) != shape or out.device != device:
+        got = (f"{out.dtype} of shape {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"nonfinite_: out must be a {dtype} tensor of shape {shape} on {device}, got {got}")
+    check_aliasing("nonfinite_", (("out", out),), [(f"lists[{k}]", lst) for k, lst in enumerate(lists)])

@@ -73,10 +73,22 @@ def _c(ts) -> list[Tensor]:
     return [] if ts is None else [t if t.is_contiguous() else t.contiguous() for t in ts]
 
 
-def _scalar_t(t: Tensor) -> Tensor:
-    """A device scalar as the raw ops take it: float32, one element, no autograd."""
+_F32_SLOTS: dict = {}  # (device, stream, slot) -> float32 [1]: see _scalar_t
+
+
+def _scalar_t(t: Tensor, slot: int = 0) -> Tensor:
+    """A device scalar as the raw ops take it: float32, one element, no autograd. Another
+    dtype is rounded into a persistent buffer per (device, stream, argument slot), which the
+    op reads before the next call on that stream writes it: no allocation per call."""
     if t.dtype != torch.float32:
-        t = t.to(torch.float32)
+        if t.numel() != 1:  # (the op's own check words the error)
+            return t.to(torch.float32)
+        dev = t.device
+        key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else None, slot)
+        buf = _F32_SLOTS.get(key)
+        if buf is None:
+            buf = _F32_SLOTS[key] = torch.empty(1, dtype=torch.float32, device=dev)
+        return buf.copy_(t.detach().reshape(1)).view(t.shape)
     return t.detach() if t.requires_grad else t
 
 
@@ -94,7 +106,7 @@ def _v_coefs(v_coefs) -> tuple[list, list[float], list[int]]:
     for c in v_coefs:
         if isinstance(c, Tensor):
             any_t = True
-            vt.append(c if c.dtype is _F32 and not c.requires_grad else _scalar_t(c))
+            vt.append(c if c.dtype is _F32 and not c.requires_grad else _scalar_t(c, 1 + len(vt)))
             vf.append(0.0)
             use.append(1)  # a tensor coefficient never drops its term
         else:
@@ -252,7 +264,7 @@ class NativeBackend:
                 return torch.zeros(1 + len(lists), dtype=torch.float32)
             return torch.zeros((), dtype=torch.float32)
         check_nonfinite_aliasing(lists, inv_scale)
-        inv = None if inv_scale is None else _scalar_t(inv_scale)
+        inv = None if inv_scale is None else _scalar_t(inv_scale, 5)
         sizes = [len(lst) for lst in lists] if sq_norms else []
         ok, out = _fast(self._lib().nonfinite_, flat, inv, sizes, bool(sq_norms))
         if ok:

@@ -113,15 +113,18 @@ def _guard(*lists):
     return contextlib.nullcontext()
 
 
-def _run(name: str, guard_lists, args: tuple):
-    """Call the kernels' `name`; a call that holds float64 tensors (found when its lists
-    are read, before anything is written) is delegated to the reference."""
+def _run(name: str, guard_lists, args: tuple, out=None):
+    """Call the kernels' `name` (``out``: the result into it); a call that holds float64
+    tensors (found when its lists are read, before anything is written) is delegated to
+    the reference."""
     k = _kernels()
     try:
         with _guard(*guard_lists):
-            return getattr(getattr(k, _MODULE[name]), name)(*args)
+            fn = getattr(getattr(k, _MODULE[name]), name)
+            return fn(*args) if out is None else fn(*args, out=out)
     except k._mta.Float64:
-        return getattr(reference, name)(*args)
+        res = getattr(reference, name)(*args)
+        return res if out is None else out.copy_(res)
 
 
 _MODULE = {"multi_dot": "multi_dot", "perturb_": "perturb", "combine_step_": "combine_step",
@@ -155,3 +158,9 @@ def lookahead_sync_(slow, fast, alpha: float, params=None, skip_if=None) -> None
 def nonfinite_(lists, inv_scale: Optional[torch.Tensor] = None, sq_norms: bool = False):
     check_nonfinite_aliasing(lists, inv_scale)
     return _run("nonfinite_", lists, (lists, inv_scale, sq_norms))
+
+
+def nonfinite_into(lists, inv_scale, sq_norms: bool, out: torch.Tensor) -> torch.Tensor:
+    """nonfinite_ with its result written into ``out`` by the kernels (checked by ops.nonfinite_)."""
+    check_nonfinite_aliasing(lists, inv_scale)
+    return _run("nonfinite_", lists, (lists, inv_scale, sq_norms), out=out)

@@ -12,6 +12,30 @@ _BASE_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 _F64 = torch.float64
 
 
+class Scratch:
+    """Persistent device tensors by name for a step's scalar arithmetic in the device-flag
+    mode: each step computes into the same tensors (out= / in-place ops), so a step after
+    the first allocates nothing and a captured step replays on the addresses of the
+    capture. A value is valid until the same name is computed again (the next step)."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def __call__(self, key, dtype: torch.dtype, device, shape: tuple = ()) -> Tensor:
+        buf = self.bufs.get(key)
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.shape != shape:
+            buf = self.bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def const(self, value: float, dtype: torch.dtype, device) -> Tensor:
+        """A 0-d constant (as a tensor operand of an out= op)."""
+        key = ("const", value, dtype)
+        buf = self.bufs.get(key)
+        if buf is None or buf.device != device:
+            buf = self.bufs[key] = torch.full((), value, dtype=dtype, device=device)
+        return buf
+
+
 class DeviceCounters:
     """The engine counters of :class:`~lookahead_ext.optim.runtime.ProbeRuntime` in one
     float64 device tensor (exact integers up to 2**53), updated by tensor ops only, and the
@@ -30,7 +54,8 @@ class DeviceCounters:
         self.warned = int(engine["skipped"])  # skips already reported by a RuntimeWarning
         # skips that need no warning (a GradScaler's overflow: lookahead_ext.amp), on the device
         self.quiet = torch.zeros((), dtype=_F64, device=device)
-        self.last_found: Optional[Tensor] = None  # the last step's found (a copy)
+        self.last_found: Optional[Tensor] = None  # the last step's found (a copy, updated in place)
+        self.scratch = Scratch()
 
     def __getstate__(self) -> dict:  # copies (deepcopy, pickle) re-create the views of t
         return {k: v for k, v in self.__dict__.items() if k not in KEYS}
@@ -56,40 +81,49 @@ class DeviceCounters:
     def add_flag(self, flag: Tensor, used: Optional[Tensor] = None) -> None:
         """found <- max(found, flag) (``flag``: 1.0 = not finite); ``used``: a 0-d bool, the
         probe's result counts only where it is set (a probe that the step may not use)."""
-        flag = flag.to(device=self.found.device, dtype=torch.float32)
-        if used is not None:
-            flag = flag * used
+        if used is not None or flag.dtype != torch.float32 or flag.device != self.found.device:
+            flag = self.scratch("flag", torch.float32, self.found.device).copy_(flag)
+            if used is not None:
+                flag.mul_(used)
         torch.maximum(self.found, flag, out=self.found)
 
     def add_loss(self, loss, used: Optional[Tensor] = None) -> None:
         """A loss tensor's non-finiteness into found (a Python number is checked on the host:
         it is already there)."""
         if isinstance(loss, Tensor):
-            self.add_flag(torch.logical_not(torch.isfinite(loss.detach()).all()), used)
+            if loss.numel() != 1 or loss.is_complex():
+                self.add_flag(torch.logical_not(torch.isfinite(loss.detach()).all()), used)
+                return
+            # x - x is 0 for a finite x, NaN for NaN and +-Inf (float64 holds every loss dtype)
+            x = self.scratch("loss", _F64, loss.device).copy_(loss.detach().reshape(()))
+            self.add_flag(x.sub_(x).nan_to_num_(nan=1.0), used)
         elif isinstance(loss, (int, float)) and not (float("-inf") < loss < float("inf")):
             self.add_flag(torch.ones((), device=self.found.device), used)
 
     def applied(self) -> Tensor:
         """1.0 if the step is applied, else 0.0 (float64)."""
-        return 1.0 - self.found.to(_F64)
+        dev = self.found.device
+        return torch.sub(self.scratch.const(1.0, _F64, dev), self.found, out=self.scratch("applied", _F64, dev))
 
     def finish(self, K: int, lookahead: bool, carried: bool) -> Optional[Tensor]:
         """The end of a step (applied or not): the counters of ``ProbeRuntime._finish``.
         Returns, for a Lookahead member, the skip flag of the sync (nonzero unless this
         step completed the K-th inner step), else None."""
         app = self.applied()
-        self.last_found = self.found.clone()
+        self.last_found = self.keep("last_found", self.found)
         self.steps.add_(app)
-        self.skipped.add_(1.0 - app)
+        self.skipped.sub_(app).add_(1.0)  # += 1 - app (exact: integers)
         if carried:
             torch.maximum(self.v_ready, app, out=self.v_ready)
         if not lookahead:
             return None
         self.k.add_(app)
-        wrap = (self.k >= K).to(_F64)
-        self.k.mul_(1.0 - wrap)
+        dev = self.t.device
+        wrap = torch.ge(self.k, K, out=self.scratch("wrap", torch.bool, dev))
+        self.k.masked_fill_(wrap, 0.0)
         self.cycles.add_(wrap)
-        return (1.0 - wrap).to(torch.float32)
+        no_sync = torch.logical_not(wrap, out=self.scratch("no_wrap", torch.bool, dev))
+        return self.scratch("skip_sync", torch.float32, dev).copy_(no_sync)
 
     def restart_cycle(self) -> None:
         """A sync outside the step (``sync()``): k <- 0, one more cycle."""

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from ..ops.base_step import ADAMW, SGD
-from ..ops.plan_lists import PlanList
 from ._buckets import state_dtype
 from ._grad_mode import no_grad as _no_grad
 from .runtime import ProbeRuntime
@@ -140,9 +139,10 @@ class ProbeOptimizer(ProbeRuntime):
         """Algorithm 1, line 4 as a device bool: v is not formed yet, or a cycle starts
         with init_v="grad"."""
         dev = self._dev
-        need = dev.v_ready == 0
+        S, d = dev.scratch, dev.t.device
+        need = torch.eq(dev.v_ready, 0, out=S("need_v", torch.bool, d))
         if self.direction.restarts and self._glob("init_v") == "grad":
-            need = need | (dev.k == 0)
+            need.logical_or_(torch.eq(dev.k, 0, out=S("k0", torch.bool, d)))
         return need
 
     def _beta_on_device(self):
@@ -152,12 +152,15 @@ class ProbeOptimizer(ProbeRuntime):
         K, bs, be = self._glob("k"), self._glob("beta_start"), self._glob("beta_end")
         if self.direction.beta is not None:
             return self.direction.beta
+        out = dev.scratch("beta", torch.float64, dev.t.device)  # bs + (be - bs) * x / n, op by op
         if self.param_groups[0].get("beta_schedule", "cycle") == "training":
             T = self._glob("total_steps")
-            return bs if T == 1 else bs + (be - bs) * torch.clamp(dev.steps, max=T - 1) / (T - 1)
+            if T == 1:
+                return bs
+            return torch.clamp(dev.steps, max=T - 1, out=out).mul_(be - bs).div_(T - 1).add_(bs)
         if not self.lookahead or K == 1:
             return bs
-        return bs + (be - bs) * dev.k / (K - 1)
+        return torch.mul(dev.k, be - bs, out=out).div_(K - 1).add_(bs)
 
     def _choose_direction(self, buckets, g0, fresh):
         """Device-flag mode: v_hat's direction and 1/||v|| where the host cannot tell
@@ -166,11 +169,17 @@ class ProbeOptimizer(ProbeRuntime):
         dense = self._dense(buckets, g0)
         carried = [b.kept("v", [self._v(p) for p in b.params]) for b in buckets]
         v_sq = self._v_norm_sq(carried)
-        inv_v = torch.where(fresh, self._probe_inv("g0"), self._norm_inv(v_sq))
-        # where(fresh, g, v) has v's dtype (the state dtype: float32 for bf16/fp16 params)
-        # and size: its launch-plan column takes them from v's (plan_lists, like=)
-        vdir = [PlanList([torch.where(fresh, g, v) for g, v in zip(gl, vl)], like=vl)
-                for gl, vl in zip(dense, carried)]
+        S = self._dev.scratch
+        inv_v = torch.where(fresh, self._probe_inv("g0"), self._norm_inv(v_sq),
+                            out=S("inv_v_chosen", torch.float64, fresh.device))
+        # where(fresh, g, v) into persistent buffers like v (the state dtype: float32 for
+        # bf16/fp16 params), kept per bucket: no allocation, and their launch plans persist
+        vdir = []
+        for bi, (b, gl, vl) in enumerate(zip(buckets, dense, carried)):
+            bufs = [S(("vdir", bi, i), v.dtype, v.device, v.shape) for i, v in enumerate(vl)]
+            for g, v, o in zip(gl, vl, bufs):
+                torch.where(fresh, g, v, out=o)
+            vdir.append(b.kept("vdir", bufs))
         return vdir, inv_v, v_sq
 
     # ------------------------------------------------------------------ the scheme's numbers
@@ -286,18 +295,34 @@ class ProbeOptimizer(ProbeRuntime):
         first, other = self.scheme.v_terms
         inv_first = self._probe_inv(first)
         inv_other = self._probe_inv(other)
-        beta = self.beta_k(k) if self._dev is None else self._beta_on_device()
         gamma = self._glob("gamma")
+        if self._dev is not None:  # float64 device scalars; the unused slot stays a float zero
+            return self._v_update_on_device(self._beta_on_device(), inv_v, inv_first, inv_other, gamma)
+        beta = self.beta_k(k)
         a_first = (1.0 - beta) * gamma * inv_first
         a_other = (1.0 - beta) * (1.0 - gamma) * inv_other
-        if self._dev is not None:  # float64 device scalars; the unused slot stays a float zero
-            return beta * inv_v, a_first, a_other, 0.0
         if isinstance(a_first, Tensor):  # device scalars (CUDA): no host sync
             zero = torch.zeros_like(a_first)
             bv = beta * inv_v.to(device=a_first.device, dtype=a_first.dtype)
         else:  # host floats (CPU, see groups.inv_norm)
             zero, bv = 0.0, beta * inv_v
         return bv, a_first, a_other, zero
+
+    def _v_update_on_device(self, beta, inv_v, inv_first, inv_other, gamma) -> tuple:
+        """_v_update's scalars in the device-flag mode, into persistent float64 buffers, op
+        by op as the host formulas: beta * inv_v, (1 - beta) * gamma * inv_first,
+        (1 - beta) * (1 - gamma) * inv_other."""
+        S, d = self._dev.scratch, inv_first.device
+        outs = [S(("v_update", i), torch.float64, d) for i in range(3)]
+        if isinstance(beta, Tensor):
+            torch.mul(beta, inv_v, out=outs[0])
+            for o, g, inv in ((outs[1], gamma, inv_first), (outs[2], 1.0 - gamma, inv_other)):
+                torch.sub(S.const(1.0, torch.float64, d), beta, out=o).mul_(g).mul_(inv)
+        else:
+            torch.mul(inv_v, beta, out=outs[0])
+            torch.mul(inv_first, (1.0 - beta) * gamma, out=outs[1])
+            torch.mul(inv_other, (1.0 - beta) * (1.0 - gamma), out=outs[2])
+        return outs[0], outs[1], outs[2], 0.0
 
     def _commit(self, buckets, probes, vdir, inv_v, need_v_init, k, K, v_sq_prev=None):
         backend = self._backend()
@@ -318,7 +343,9 @@ class ProbeOptimizer(ProbeRuntime):
             on_device = isinstance(v_scalars[0], Tensor)
             v_sq = self._v_sq_accumulator(buckets)
             if isinstance(need_v_init, Tensor):  # v <- g0 unless the step is skipped
-                need_v_init = need_v_init & (self._dev.found == 0)
+                S, d = self._dev.scratch, need_v_init.device
+                need_v_init = torch.logical_and(need_v_init, torch.eq(self._dev.found, 0, out=S("ok", torch.bool, d)),
+                                                out=S("v_init", torch.bool, d))
         # per slot (g0, g+, g-): the probe's dense grads per bucket, if d uses that probe
         g0, gp, gm = (filled[n] if n in scheme.probes else None for n in PROBE_NAMES)
         written_v: list = []  # the v tensors combine_step_ rewrites (see _v_norm_sq)
@@ -336,8 +363,8 @@ class ProbeOptimizer(ProbeRuntime):
                 v = b.kept("v", [self._v(p) for p in b.params])
                 written_v.extend(v)
                 if isinstance(need_v_init, Tensor):  # the device chooses (vdir is g0 or v)
-                    torch._foreach_copy_(v, [torch.where(need_v_init, d, x)
-                                             for d, x in zip(vdir[bi], v)])
+                    for d, x in zip(vdir[bi], v):
+                        torch.where(need_v_init, d, x, out=x)
                 elif need_v_init:               # Algorithm 1, line 4: v_0 = g_0
                     torch._foreach_copy_(v, vdir[bi])
                 v_coefs = v_coefs_all
@@ -355,8 +382,10 @@ class ProbeOptimizer(ProbeRuntime):
             if v_sq is not None:  # every v was rewritten by this step: ||v||^2 for the next
                 sq = v_sq[0]
                 if self._dev is not None:  # a skipped step left v (and v_sq zero): keep its norm
-                    sq = self._dev.keep("v_sq", torch.where(self._dev.found > 0,
-                                                            v_sq_prev.reshape(()).to(sq.dtype), sq))
+                    S, d = self._dev.scratch, sq.device
+                    skipped = torch.gt(self._dev.found, 0, out=S("skipped", torch.bool, d))
+                    sq = torch.where(skipped, v_sq_prev.reshape(()).to(sq.dtype), sq,
+                                     out=S("v_sq", sq.dtype, d))
                 if sq is not None:
                     self._v_sq = (sq, [(t, t._version) for t in written_v])
         self._finish(all_buckets, k)
@@ -371,4 +400,7 @@ class ProbeOptimizer(ProbeRuntime):
         if len({dev for dev, _ in kinds}) != 1 or any(state_dtype(dt) != torch.float32
                                                       for _, dt in kinds):
             return None
-        return torch.zeros(1, dtype=torch.float32, device=next(iter(kinds))[0])
+        device = next(iter(kinds))[0]
+        if self._dev is not None:  # (the previous step's sum was copied: see _commit)
+            return self._dev.scratch("v_sq_acc", torch.float32, device, (1,)).zero_()
+        return torch.zeros(1, dtype=torch.float32, device=device)

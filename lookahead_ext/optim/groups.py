@@ -107,25 +107,35 @@ def global_sq(lists_per_group, pairs, backend: str = "auto") -> Tensor:
     return sum_parts(parts, len(pairs))
 
 
-def sqrt64(x: Tensor) -> Tensor:
+def sqrt64(x: Tensor, scratch=None, key=None) -> Tensor:
     """sqrt in float64, correctly rounded as Python's math.sqrt on every device: ATen's
     vectorised CPU sqrt is not (SLEEF; about 1% of float32 inputs differ in the last bit),
-    the complex one of a non-negative real is (std::sqrt); CUDA's sqrt is IEEE."""
-    x = x.to(torch.float64)
+    the complex one of a non-negative real is (std::sqrt); CUDA's sqrt is IEEE.
+    ``scratch`` (device_flags.Scratch) and ``key``: computed into its buffers of that key
+    (0-d ``x``; no allocation)."""
+    if scratch is None:
+        x = x.to(torch.float64)
+        if x.device.type == "cpu":
+            return x.to(torch.complex128).sqrt().real
+        return x.sqrt()
+    out = scratch((key, "sqrt"), torch.float64, x.device).copy_(x.reshape(()))
     if x.device.type == "cpu":
-        return x.to(torch.complex128).sqrt().real
-    return x.sqrt()
+        c = scratch((key, "complex"), torch.complex128, x.device).copy_(out)
+        return out.copy_(c.sqrt_().real)
+    return out.sqrt_()
 
 
-def inv_norm(sq, eps: float, on_device: bool = False):
+def inv_norm(sq, eps: float, on_device: bool = False, scratch=None, key=None):
     """1 / (||x|| + eps) from a squared norm (a 0-d tensor, or a float).
 
     CPU: a Python float computed in double precision: there is no device to wait for, and
     each 0-d tensor op costs microseconds, more than the fused passes of a small model.
     Elsewhere: a 0-d device tensor (no host sync). ``on_device`` (the device-flag mode, any
     device): a 0-d float64 tensor computed as the CPU's double-precision float, bit for bit
-    (IEEE sqrt, add and divide)."""
+    (IEEE sqrt, add and divide); with ``scratch`` and ``key`` (see sqrt64) into its buffers."""
     if on_device:
+        if scratch is not None:
+            return sqrt64(sq, scratch, key).add_(eps).reciprocal_()
         return 1.0 / (sqrt64(sq) + eps)
     if isinstance(sq, float) or sq.device.type == "cpu":
         return 1.0 / (math.sqrt(float(sq)) + eps)

@@ -266,8 +266,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
 
     def last_found_inf(self):
         """Whether the last step was skipped: the device-flag mode's found_inf (0-d float32
-        on the parameters' device, 1.0 = skipped; no host read), else a bool. None before
-        the first step. E.g. for a GradScaler (lookahead_ext.amp)."""
+        on the parameters' device, 1.0 = skipped; no host read; one persistent tensor that
+        each step overwrites), else a bool. None before the first step. E.g. for a
+        GradScaler (lookahead_ext.amp)."""
         return self._last_found
 
     def _quiet_skip(self, found) -> None:
@@ -472,12 +473,17 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         if self._norm_reducers:
             sq = self._reduce_norm(torch.tensor(sq, dtype=torch.float32)
                                    if isinstance(sq, float) else sq)
-        return inv_norm(sq, self._glob("norm_eps"), self._dev is not None)
+        return inv_norm(sq, self._glob("norm_eps"), self._dev is not None, *self._into("inv_v"))
+
+    def _into(self, key) -> tuple:
+        """(Scratch, key) for a device-flag step's scalar into a persistent buffer, else ()."""
+        return () if self._dev is None else (self._dev.scratch, key)
 
     def _probe_inv(self, name: str):
         """1 / (||g|| + norm_eps) of probe ``name``'s gradient: its global squared norm from
         the probe's fused check, already through the norm reducers (see _clip_probe)."""
-        return inv_norm(self._probe_sq[name], self._glob("norm_eps"), self._dev is not None)
+        return inv_norm(self._probe_sq[name], self._glob("norm_eps"), self._dev is not None,
+                        *self._into(("inv", name)))
 
     def _global_sq(self, lists_per_bucket, pairs) -> Tensor:
         """groups.global_sq with this optimizer's backend."""
@@ -521,7 +527,11 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                 if direction is None or sign == 0.0:
                     self._restore([b])
                 else:
-                    scale = inv_vnorm * (sign * b.group["rho"])
+                    if self._dev is not None:  # (into a persistent buffer: no allocation)
+                        scale = torch.mul(inv_vnorm, sign * b.group["rho"],
+                                          out=self._dev.scratch(("scale", bi), inv_vnorm.dtype, inv_vnorm.device))
+                    else:
+                        scale = inv_vnorm * (sign * b.group["rho"])
                     if b.synced:
                         ops.perturb_(b.params, b.masters, direction[bi], scale, backend=backend)
                     else:  # fused: masters <- params (w), params <- w + scale*direction
@@ -644,10 +654,14 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         inv_scale = self._grad_inv_scale() if self._grad_unscalers else None
         # one read per gradient: NaN/Inf flag and the squared norm, per (device, dtype)
         parts = []
-        for flat in checks.values():
+        for j, flat in enumerate(checks.values()):
             if not flat:
                 continue
-            res = ops.nonfinite_([flat], inv_scale, sq_norms=True, backend=backend)
+            out = None
+            if self._dev is not None:  # the result into a persistent buffer
+                out = self._dev.scratch(("check", name, j), torch.float64 if flat[0].dtype == torch.float64
+                                        else torch.float32, flat[0].device, (2,))
+            res = ops.nonfinite_([flat], inv_scale, sq_norms=True, backend=backend, out=out)
             if self._dev is not None:  # into the device flag: no host read
                 self._dev.add_flag(res[0], used)
                 parts.append((res, None))
@@ -672,17 +686,23 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         the clip factor min(1, max_grad_norm / (norm + 1e-6)) stays on the device and scales
         the gradients in place (an unclipped probe is multiplied by exactly 1). A probe the
         step may not use (``used``) reports norm 0 (a max over norms ignores it)."""
-        norm = sqrt64(sq)
-        self._grad_norms.append(norm if used is None else torch.where(used, norm, 0.0))
+        S = self._dev.scratch
+        norm = sqrt64(sq, S, ("norm", name))
+        self._grad_norms.append(norm if used is None else torch.where(
+            used, norm, S.const(0.0, torch.float64, norm.device), out=S(("norm_used", name), torch.float64, norm.device)))
         max_norm = self.param_groups[0].get("max_grad_norm")
         if not max_norm:
             return
-        c = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        # min(1, max_norm / (norm + 1e-6)), as the tensor ops max_norm / t (a reciprocal and
+        # a multiply) and clamp compute it
+        c = torch.add(norm, 1e-6, out=S(("clip", name), torch.float64, norm.device))
+        c.reciprocal_().mul_(max_norm).clamp_(max=1.0)
         with _no_grad():
             flat = [g for gl in grads for g in gl if g is not None]
             if flat:
-                torch._foreach_mul_(flat, c.to(device=flat[0].device, dtype=flat[0].dtype))
-        self._probe_sq[name] = sq.to(torch.float64) * (c * c)
+                torch._foreach_mul_(flat, S(("clip", name, flat[0].dtype), flat[0].dtype, flat[0].device).copy_(c))
+        c2 = torch.mul(c, c, out=S(("clip2", name), torch.float64, norm.device))
+        self._probe_sq[name] = S(("clipped_sq", name), torch.float64, norm.device).copy_(sq.reshape(())).mul_(c2)
 
     def _clip_probe(self, name, grads, used=None) -> None:
         """Record probe ``name``'s global gradient norm (unscaled, before clipping) and, under
@@ -807,13 +827,17 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
             shared.setdefault(id(st["step"]), (st["step"], []))[1].append(i)
         split_sq = v_sq_out is not None and len(shared) > 1
         app = None
-        for cnt, idx in shared.values():
+        S = dev.scratch
+        for j, (cnt, idx) in enumerate(shared.values()):
+            # the counters' derived scalars and the packed kernel arguments in persistent buffers
             if template.kind == ADAMW:
-                base = replace(template, step=cnt + 1.0)
+                base = replace(template, step=torch.add(cnt, 1.0, out=S(("step", j), cnt.dtype, cnt.device)))
             elif template.uses_momentum:
-                base = replace(template, first=cnt == 0)
+                base = replace(template, first=torch.eq(cnt, 0, out=S(("first", j), torch.bool, cnt.device)))
             else:
                 base = template
+            if base.on_device:
+                base = replace(base, args=S(("base_args", j), torch.float64, cnt.device, (base.n_device_args,)))
             sel = (lambda lst: lst) if len(shared) == 1 else \
                 (lambda lst: None if lst is None else PlanList([lst[i] for i in idx]))  # noqa: E731
             params, pstates = sel(b.params), sel(states)
@@ -824,7 +848,7 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
                        v_sq_out=None if split_sq else v_sq_out, write_masters=b.low_precision,
                        backend=backend, skip_if=found)
             if app is None:
-                app = (1.0 - found.to(torch.float64))
+                app = dev.applied() if found is dev.found else 1.0 - found.to(torch.float64)
             if self._missing:  # a parameter without gradient keeps its (shared) counter
                 new = cnt + app
                 for st in pstates:
