@@ -344,8 +344,8 @@ class ProbeOptimizer(ProbeRuntime):
             v_sq = self._v_sq_accumulator(buckets)
             if isinstance(need_v_init, Tensor):  # v <- g0 unless the step is skipped
                 S, d = self._dev.scratch, need_v_init.device
-                need_v_init = torch.logical_and(need_v_init, torch.eq(self._dev.found, 0, out=S("ok", torch.bool, d)),
-                                                out=S("v_init", torch.bool, d))
+                ok = torch.eq(self._dev.found, 0, out=S("ok", torch.bool, d))
+                need_v_init = torch.logical_and(need_v_init, ok, out=S("v_init", torch.bool, d))
         # per slot (g0, g+, g-): the probe's dense grads per bucket, if d uses that probe
         g0, gp, gm = (filled[n] if n in scheme.probes else None for n in PROBE_NAMES)
         written_v: list = []  # the v tensors combine_step_ rewrites (see _v_norm_sq)

@@ -688,8 +688,9 @@ class ProbeRuntime(ProbeHooks, CosineTracking, SlowWeightsMixin, Optimizer):
         step may not use (``used``) reports norm 0 (a max over norms ignores it)."""
         S = self._dev.scratch
         norm = sqrt64(sq, S, ("norm", name))
+        f64, dev = torch.float64, norm.device
         self._grad_norms.append(norm if used is None else torch.where(
-            used, norm, S.const(0.0, torch.float64, norm.device), out=S(("norm_used", name), torch.float64, norm.device)))
+            used, norm, S.const(0.0, f64, dev), out=S(("norm_used", name), f64, dev)))
         max_norm = self.param_groups[0].get("max_grad_norm")
         if not max_norm:
             return
