@@ -46,7 +46,7 @@ def _nonfinite_kernel(table, work, flags, sq_parts, inv_ptr, X_DT: tl.constexpr,
 
 
 def nonfinite_(lists, inv_scale=None, sq_norms=False, out=None) -> torch.Tensor:
-    """``out``: a tensor of the result's dtype and shape to write it into (one list, or no norms)."""
+    """``out``: a tensor of the result's dtype and shape to write it into."""
     if sq_norms and len(lists) == 1:
         return _nonfinite(lists[0], inv_scale, True, out)
     flag = _nonfinite(lists[0] if len(lists) == 1 else [t for lst in lists for t in lst], inv_scale, False,

@@ -167,18 +167,19 @@ class BaseStep:
                        first=False if isinstance(self.first, Tensor) else self.first)
 
     def device_entries(self, device) -> list:
-        """The entries of `device_args` as the reference backend uses them: host floats, or
-        float64 0-d tensors on `device` computed from the tensor fields with torch ops."""
-        lr = _f64(self.lr, device)
+        """The entries of `device_args()` as the reference backend uses them: those derived
+        from a tensor field as float64 0-d tensors on `device` (views of one `device_args()`),
+        the others as the host path's floats (`kernel_args()`)."""
+        lr_t = isinstance(self.lr, Tensor)
         if self.kind == ADAMW:
-            step = _f64(self.step, device)
-            bc2 = 1.0 - _pow(self.beta2, step)
-            sqrt_bc2 = (torch.pow(bc2, torch.full_like(bc2, 0.5)) if isinstance(bc2, Tensor)  # pow, as x**0.5
-                        else bc2 ** 0.5)
-            return [1.0 - lr * self.weight_decay, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.eps,
-                    lr / (1.0 - _pow(self.beta1, step)), sqrt_bc2, 0.0, 0.0]
-        first = (self.first != 0).to(torch.float64) if isinstance(self.first, Tensor) else float(bool(self.first))
-        return [lr, self.weight_decay, self.momentum, self.dampening, float(bool(self.nesterov)), first]
+            step_t = isinstance(self.step, Tensor)
+            derived = (lr_t, False, False, False, False, lr_t or step_t, step_t, False, False)
+        else:
+            derived = (lr_t, False, False, False, False, isinstance(self.first, Tensor))
+        k = self.kernel_args()  # host numbers (placeholders where derived)
+        host = [float(x) for x in k.hyper + k.flags]
+        args = self.device_args(device).unbind(0) if any(derived) else None
+        return [args[i] if d else host[i] for i, d in enumerate(derived)]
 
     @property
     def n_device_args(self) -> int:
@@ -235,14 +236,6 @@ def _put(slot: Tensor, x) -> Tensor:
     if isinstance(x, Tensor):
         return slot.copy_(x.detach().reshape(()))
     return slot.fill_(float(x))
-
-
-def _f64(x, device):
-    """A tensor field as a float64 0-d tensor on `device` (exact for float32/int values); a
-    host number as a Python float (the host path's double)."""
-    if isinstance(x, Tensor):
-        return x.detach().reshape(()).to(device=device, dtype=torch.float64)
-    return float(x)
 
 
 def _pow(beta: float, step):

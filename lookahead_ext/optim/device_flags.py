@@ -68,16 +68,6 @@ class DeviceCounters:
         """0-d views of ``t``, one per counter, updated in place."""
         self.k, self.steps, self.cycles, self.skipped, self.v_ready = (self.t[i] for i in range(len(KEYS)))
 
-    def keep(self, name: str, value: Tensor) -> Tensor:
-        """A value carried to the next step, written into a persistent buffer of that name
-        (a captured step replays reading and writing the same address; a new tensor per
-        step would leave the graph reading the one of the capture)."""
-        buf = self.__dict__.get("_keep_" + name)
-        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
-            buf = torch.empty_like(value)
-            setattr(self, "_keep_" + name, buf)
-        return buf.copy_(value)
-
     def add_flag(self, flag: Tensor, used: Optional[Tensor] = None) -> None:
         """found <- max(found, flag) (``flag``: 1.0 = not finite); ``used``: a 0-d bool, the
         probe's result counts only where it is set (a probe that the step may not use)."""
@@ -110,7 +100,8 @@ class DeviceCounters:
         Returns, for a Lookahead member, the skip flag of the sync (nonzero unless this
         step completed the K-th inner step), else None."""
         app = self.applied()
-        self.last_found = self.keep("last_found", self.found)
+        f = self.found
+        self.last_found = self.scratch("last_found", f.dtype, f.device).copy_(f)
         self.steps.add_(app)
         self.skipped.sub_(app).add_(1.0)  # += 1 - app (exact: integers)
         if carried:
